@@ -1,0 +1,3 @@
+from scratchllm.cli import main
+
+raise SystemExit(main())
