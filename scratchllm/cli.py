@@ -138,6 +138,8 @@ def _load_texts(sources: Sequence[str]) -> list[str]:
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from scratchllm.tokenizer import CharTokenizer, Tokenizer
 
+    if not args.char:
+        Tokenizer.check_vocab_size(args.vocab_size, args.special)  # before the slow part
     texts = _load_texts(args.data)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     print(f"training on {len(texts)} documents, {n_bytes / 1e6:.2f} MB", file=sys.stderr)

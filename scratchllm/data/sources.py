@@ -67,5 +67,5 @@ def texts_from_source(source: str) -> Iterator[str]:
     elif path.exists():
         yield read_text_file(path)[0]
     else:
-        raise UserError(f"data source {source!r} is neither a file, a directory, nor a named "
-                        f"corpus ({', '.join(NAMED)})")
+        raise UserError(f"data source {source!r} does not exist: give a file, a directory, or "
+                        f"a named corpus ({', '.join(NAMED)})")

@@ -77,17 +77,23 @@ class Tokenizer(BaseTokenizer):
         """
         if isinstance(texts, str):
             texts = [texts]
-        specials = list(dict.fromkeys([*DEFAULT_SPECIALS, *special_tokens]))
-        if vocab_size < 256 + len(specials):
-            raise UserError(f"vocab size {vocab_size} is too small: a byte-level tokenizer needs "
-                            f"256 byte tokens + {len(specials)} special tokens = "
-                            f"{256 + len(specials)} at least")
+        specials = cls.check_vocab_size(vocab_size, special_tokens)
         counts = count_chunks(texts, pattern, workers=workers, progress=progress)
         if not counts:
             raise UserError("the training corpus is empty: give it some text")
         vocab, merges = train_bpe(counts, vocab_size - len(specials), progress=progress)
         specials_ids = {name: len(vocab) + i for i, name in enumerate(specials)}
         return cls(vocab, merges, specials_ids, pattern)
+
+    @staticmethod
+    def check_vocab_size(vocab_size: int, special_tokens: Sequence[str] = ()) -> list[str]:
+        """Raise if vocab_size cannot hold 256 bytes + the specials; return the specials."""
+        specials = list(dict.fromkeys([*DEFAULT_SPECIALS, *special_tokens]))
+        if vocab_size < 256 + len(specials):
+            raise UserError(f"vocab size {vocab_size} is too small: a byte-level tokenizer needs "
+                            f"256 byte tokens + {len(specials)} special tokens = "
+                            f"{256 + len(specials)} at least")
+        return specials
 
     # --- encoding -----------------------------------------------------------------------
     @property
@@ -207,7 +213,10 @@ class Tokenizer(BaseTokenizer):
                 if line.strip():
                     left, right = line.split()
                     merges.append((encoder[left], encoder[right]))
-        except (json.JSONDecodeError, KeyError, IndexError, ValueError) as e:
+            if not all(vocab):
+                raise ValueError("encoder.json ids have gaps")
+        except (json.JSONDecodeError, AttributeError, TypeError, KeyError, IndexError,
+                ValueError) as e:
             raise UserError(f"{encoder_json} / {vocab_bpe} are not GPT-2 tokenizer files "
                             f"({type(e).__name__}: {e})") from None
         return cls(vocab, merges, specials, GPT2_PATTERN)

@@ -30,9 +30,9 @@ DEFAULT_PATTERN = "gpt4"
 # Texts above this size are cut into pieces counted on several processes.
 PARALLEL_MIN_CHARS = 2_000_000
 PIECE_CHARS = 1_000_000
-# Both built-in patterns always end a chunk at a newline that is followed by a letter, so cutting
-# a long text there gives exactly the chunks of the whole text.
-_SAFE_CUT = regex.compile(r"(?<=\n)(?=\p{L})")
+# Both built-in patterns always end a chunk at a single newline between a non-space and a
+# letter ("x\n|W"), so cutting a long text there gives exactly the chunks of the whole text.
+_SAFE_CUT = regex.compile(r"(?<=\S\n)(?=\p{L})")
 
 
 def resolve_pattern(pattern: str) -> str:

@@ -1,0 +1,84 @@
+"""Shared fixtures: the shared data mirror, GPT-2's tokenizer, and tiktoken's offline gpt2."""
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    """The shared data mirror (SCRATCHLLM_DATA_DIR, default ../shared/data beside the repo)."""
+    path = Path(os.environ.get("SCRATCHLLM_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not (path / "tinyshakespeare" / "input.txt").is_file():
+        pytest.fail(f"shared data not found at {path}: set SCRATCHLLM_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data() -> Path:
+    return data_dir()
+
+
+@pytest.fixture(scope="session")
+def gpt2_files(data: Path) -> tuple[Path, Path]:
+    return data / "gpt2-tokenizer" / "encoder.json", data / "gpt2-tokenizer" / "vocab.bpe"
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2(gpt2_files, tmp_path_factory):
+    """tiktoken's own gpt2 encoding, loaded offline by seeding its download cache."""
+    import tiktoken
+    from tiktoken_ext import openai_public  # noqa: F401  (registers the URLs we mirror)
+
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    for path in gpt2_files:
+        key = hashlib.sha1((base + path.name).encode()).hexdigest()
+        shutil.copy(path, cache / key)
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def gpt2_tok(gpt2_files):
+    from scratchllm.tokenizer import Tokenizer
+
+    return Tokenizer.from_gpt2_files(*gpt2_files)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_small(data: Path) -> str:
+    return (data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def trained_tok(shakespeare_small):
+    """A small BPE trained on tinyshakespeare with the default (GPT-4) pattern."""
+    from scratchllm.tokenizer import Tokenizer
+
+    return Tokenizer.train([shakespeare_small], vocab_size=1024, special_tokens=["<|user|>"])
+
+
+def shared_corpora(data: Path) -> dict[str, str]:
+    """Every shared text corpus, decoded as UTF-8 (CRLF kept as is)."""
+    paths = [
+        data / "tinyshakespeare" / "input.txt",
+        data / "the-verdict" / "the-verdict.txt",
+        data / "instruction-data" / "instruction-data.json",
+        data / "sms-spam" / "SMSSpamCollection",
+        data / "instruct-extra" / "gsm8k-train.jsonl",
+        *sorted((data / "translation").glob("tatoeba.*")),
+        *sorted((data / "gutenberg-books").glob("pg*.txt")),
+    ]
+    return {p.name: p.read_text(encoding="utf-8") for p in paths}
