@@ -23,7 +23,8 @@ demo: $(STAMP)
 	$(BIN)/scratchllm tokenizer train --data shakespeare --vocab-size 4096 --out $(RUN)/tokenizer.json
 	$(BIN)/scratchllm tokenizer stats --tokenizer $(RUN)/tokenizer.json --data shakespeare
 	$(BIN)/scratchllm tokenizer encode --tokenizer $(RUN)/tokenizer.json \
-		--text "To be, or not to be, that is the question." | tee $(RUN)/example-ids.txt
+		--text "To be, or not to be, that is the question." --pieces > $(RUN)/example-ids.txt
+	cat $(RUN)/example-ids.txt
 	$(BIN)/scratchllm tokenizer decode --tokenizer $(RUN)/tokenizer.json < $(RUN)/example-ids.txt
 
 test: $(STAMP) lint

@@ -75,6 +75,8 @@ def _add_tokenizer_commands(commands) -> None:
                    help="turn special-token strings such as <|endoftext|> into their ids "
                         "(by default they are encoded as plain text)")
     p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--pieces", action="store_true",
+                   help="also print each token's text, to see how the text was split")
     p.set_defaults(handler=cmd_tokenizer_encode)
 
     p = sub.add_parser("decode", help="print the text of token ids",
@@ -159,6 +161,9 @@ def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
     tok = load_tokenizer(args.tokenizer)
     ids = tok.encode(_read_text(args), allowed_special="all" if args.allow_special else ())
     print(json.dumps(ids) if args.json else " ".join(map(str, ids)))
+    if args.pieces:
+        pieces = [tok.decode_bytes([i]).decode("utf-8", errors="backslashreplace") for i in ids]
+        print("|".join(pieces), file=sys.stderr)
 
 
 def cmd_tokenizer_decode(args: argparse.Namespace) -> None:

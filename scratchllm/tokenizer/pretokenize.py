@@ -90,7 +90,7 @@ def count_chunks(
             counts.update(_count_piece((job, pattern)))
             bar.update(len(job))
     else:
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_spawn()) as pool:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_mp_context()) as pool:
             results = pool.map(_count_piece, [(job, pattern) for job in jobs])
             for job, piece_counts in zip(jobs, results, strict=True):
                 counts.update(piece_counts)
@@ -99,11 +99,14 @@ def count_chunks(
     return counts
 
 
-def _spawn():
-    # A fresh interpreter per worker: safe even when the parent holds threads (torch, tqdm).
+def _mp_context():
+    # Linux: fork, so scripts without a __main__ guard (or piped to python) still work; the
+    # workers only run the regex, never torch. Elsewhere: spawn, fork being unsafe on macOS.
     import multiprocessing
+    import sys
 
-    return multiprocessing.get_context("spawn")
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    return multiprocessing.get_context(method)
 
 
 def _progress_bar(total: int, enabled: bool):
