@@ -77,9 +77,9 @@ class BaseTokenizer:
         return ids
 
     def encode_batch(
-        self, texts: Iterable[str], allowed_special: AllowedSpecial = ()
+        self, texts: Iterable[str], allowed_special: AllowedSpecial = (), num_threads: int = 1
     ) -> list[list[int]]:
-        """Encode many texts (the BPE tokenizer does it on several threads)."""
+        """Encode many texts (the BPE tokenizer does it on `num_threads` threads)."""
         return [self.encode(text, allowed_special) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -126,6 +126,13 @@ class BaseTokenizer:
                 raise UserError(
                     f"token id {token_id} is out of range for a vocabulary of {n} ids (0..{n - 1})"
                 )
+
+    def fingerprint(self) -> str:
+        """A sha256 of the tokenizer's content: equal fingerprints encode identically."""
+        import hashlib
+
+        content = json.dumps({"type": self.kind, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
     # --- files --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -1,0 +1,55 @@
+"""Cleaning text before tokenization: line endings, Gutenberg boilerplate, duplicates."""
+
+import hashlib
+import re
+
+_PG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG EBOOK.*?\*\*\*[^\n]*\n",
+                       re.IGNORECASE | re.MULTILINE)
+_PG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG EBOOK", re.IGNORECASE |
+                     re.MULTILINE)
+
+
+def normalize_newlines(text: str) -> str:
+    """CRLF and lone CR become LF."""
+    if "\r" not in text:
+        return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def strip_gutenberg(text: str) -> str:
+    """Keep only the text between Project Gutenberg's START and END markers (if present)."""
+    text, _ = gutenberg_cut(text)
+    return text.strip() + "\n"
+
+
+def gutenberg_cut(text: str) -> tuple[str, bool]:
+    """Cut the header before START and the footer from END on; say whether END was found."""
+    start = _PG_START.search(text)
+    if start:
+        text = text[start.end() :]
+    end = _PG_END.search(text)
+    if end:
+        return text[: end.start()], True
+    return text, False
+
+
+def is_gutenberg(text: str) -> bool:
+    """True when the text carries Project Gutenberg's START marker."""
+    return _PG_START.search(text[:100_000]) is not None
+
+
+class Deduplicator:
+    """Drops exact duplicate documents by their hash (memory: 16 bytes per document)."""
+
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+        self.dropped = 0
+
+    def is_new(self, text: str) -> bool:
+        """True the first time a text is seen."""
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        if digest in self.seen:
+            self.dropped += 1
+            return False
+        self.seen.add(digest)
+        return True
