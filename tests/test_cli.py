@@ -90,7 +90,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, capsys):
     (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02binary")
     assert "binary" in one_line_error(capsys, *train, str(tmp_path / "blob.bin"))
     (tmp_path / "emptydir").mkdir()
-    assert "no text files" in one_line_error(capsys, *train, str(tmp_path / "emptydir"))
+    assert "no readable files" in one_line_error(capsys, *train, str(tmp_path / "emptydir"))
     (tmp_path / "ok.txt").write_text("hello world " * 10)
     assert "too small" in one_line_error(capsys, *train, str(tmp_path / "ok.txt"),
                                          "--vocab-size", "100")

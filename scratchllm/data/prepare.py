@@ -34,6 +34,7 @@ from scratchllm.data.sources import (
     Segment,
     SourceOptions,
     iter_all,
+    no_files_message,
     source_files,
 )
 from scratchllm.errors import UserError
@@ -98,7 +99,7 @@ def describe_sources(sources: Sequence[str], options: PrepareOptions) -> list[di
                 raise UserError(f"data source {source!r} does not exist: give a file, a "
                                 f"directory, or a dataset name ({', '.join(registry.DATASETS)})")
             if not paths:
-                raise UserError(f"no files in {path} match the include/exclude globs")
+                raise UserError(no_files_message(path, source_options))
             described.append({"source": source, "kind": "path", "files": [
                 {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                 for p in paths]})

@@ -70,8 +70,7 @@ def iter_segments(source: str, options: SourceOptions | None = None) -> Iterator
     if path.is_dir():
         files = list(source_files(path, options))
         if not files:
-            raise UserError(f"no files in {path} match the include/exclude globs "
-                            f"(readable: {', '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)})")
+            raise UserError(no_files_message(path, options))
         for file in files:
             yield from _file_segments(file, options)
     elif path.is_file():
@@ -105,6 +104,13 @@ def source_files(directory: Path, options: SourceOptions) -> Iterator[Path]:
         if any(_match(rel, g) for g in options.exclude):
             continue
         yield path
+
+
+def no_files_message(directory: Path, options: SourceOptions) -> str:
+    """The error for a directory with nothing to read."""
+    globs = " that match the include/exclude globs" if options.include or options.exclude else ""
+    return (f"no readable files{globs} in {directory} "
+            f"(readable: {', '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)}, optionally compressed)")
 
 
 def _match(rel: str, glob: str) -> bool:
