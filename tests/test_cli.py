@@ -119,3 +119,18 @@ def test_non_utf8_file_is_trained_with_a_count_of_replaced_bytes(tmp_path, capsy
                          "--out", str(tmp_path / "tok.json"))
     assert code == 0
     assert "80 bytes were not valid UTF-8" in err  # 4 Latin-1 bytes per line, 20 lines
+
+
+def test_prepare_and_data_commands(tmp_path, data, capsys, monkeypatch, trained_tok):
+    monkeypatch.setenv("SCRATCHLLM_DATA_DIR", str(data))
+    trained_tok.save(tmp_path / "tok.json")
+    argv = ["prepare", "--data", "the-verdict", "--tokenizer", str(tmp_path / "tok.json"),
+            "--out", str(tmp_path / "shards"), "--val-docs", "0"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "prepared" in out and (tmp_path / "shards" / "train.bin").is_file()
+    assert "up to date" in run(capsys, *argv)[1]
+    code, out, _ = run(capsys, "data", "list")
+    assert "tinyshakespeare" in out and "CC BY 4.0" in out
+    code, out, _ = run(capsys, "data", "download", "the-verdict")
+    assert out.strip().endswith("the-verdict.txt")
+    assert "unknown dataset" in one_line_error(capsys, "data", "download", "nope")
