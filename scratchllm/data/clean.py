@@ -22,9 +22,9 @@ def strip_gutenberg(text: str) -> str:
     return text.strip() + "\n"
 
 
-def gutenberg_cut(text: str) -> tuple[str, bool]:
+def gutenberg_cut(text: str, find_start: bool = True) -> tuple[str, bool]:
     """Cut the header before START and the footer from END on; say whether END was found."""
-    start = _PG_START.search(text)
+    start = _PG_START.search(text) if find_start else None
     if start:
         text = text[start.end() :]
     end = _PG_END.search(text)

@@ -10,8 +10,9 @@ The split is by document: document (or long-document segment) number i goes to v
 floor((i + 1) * f + 1/2) > floor(i * f + 1/2), which spreads exactly a fraction f of them
 evenly through the corpus, deterministically, without knowing the total in advance.
 
-Memory stays bounded: segments stream from the sources, are encoded in batches (tiktoken's
-Rust core on several threads, which release the GIL) and appended to temp files that are
+Memory stays bounded: segments stream from the sources, are encoded a few at a time on a
+thread pool (tiktoken's Rust core releases the GIL, so threads run in parallel without the
+cost of shipping text and tokens between processes) and appended to temp files that are
 renamed into place at the end, so a crash leaves the previous output intact.
 """
 
@@ -20,7 +21,9 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,13 +62,11 @@ class PrepareOptions:
     exclude: Sequence[str] = ()
     dedup: bool = False
     strip_gutenberg: bool = True
-    batch_chars: int = 4_000_000  # characters encoded per tiktoken batch
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     def key_fields(self) -> dict:
         data = asdict(self)
-        for name in ("batch_chars", "threads"):  # do not change the output
-            data.pop(name)
+        data.pop("threads")  # does not change the output
         data["include"], data["exclude"] = list(self.include), list(self.exclude)
         return data
 
@@ -140,12 +141,9 @@ def prepare(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | P
         total_bytes = sum(f.get("bytes", 0) for d in described for f in d["files"]) or None
         units = _clean_units(iter_all(sources, source_options), options, stats)
         bar = _bar(total_bytes, progress)
-        for batch in _batches(units, options.batch_chars):
-            encoded = tok.encode_batch([text for text, _, _ in batch],
-                                       num_threads=options.threads)
-            for (text, split, doc_end), ids in zip(batch, encoded, strict=True):
-                writers[split].write(ids, tok.eot_id if doc_end else None)
-                bar.update(len(text.encode("utf-8")) if total_bytes else len(text))
+        for (text, split, doc_end), ids in _encode_in_order(tok, units, options.threads):
+            writers[split].write(ids, tok.eot_id if doc_end else None)
+            bar.update(len(text.encode("utf-8")) if total_bytes else len(text))
         bar.close()
         stats["replaced_bytes"] = source_options.stats["replaced_bytes"]
         if sum(w.tokens for w in writers.values()) == 0:
@@ -191,7 +189,7 @@ def _clean_units(segments: Iterator[Segment], options: PrepareOptions, stats: di
         if ended:
             text = ""
         elif gutenberg:
-            text, ended = gutenberg_cut(text)
+            text, ended = gutenberg_cut(text, find_start=first)
             text = text.lstrip() if first else text
         first = segment.last
         if segment.last:
@@ -215,16 +213,23 @@ def _split_of(unit: int, options: PrepareOptions) -> str:
     return "val" if int((unit + 1) * f + 0.5) > int(unit * f + 0.5) else "train"
 
 
-def _batches(units: Iterator[tuple[str, str, bool]], batch_chars: int):
-    batch, size = [], 0
-    for unit in units:
-        batch.append(unit)
-        size += len(unit[0])
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+def _encode_in_order(tok: BaseTokenizer, units: Iterator[tuple[str, str, bool]], threads: int
+                     ) -> Iterator[tuple[tuple[str, str, bool], np.ndarray]]:
+    """Encode units on a thread pool (tiktoken releases the GIL), yielding them in order.
+
+    At most a few units per thread are in flight, so memory stays bounded, and reading and
+    cleaning the next units overlaps with encoding.
+    """
+    in_flight: deque = deque()
+    with ThreadPoolExecutor(max(threads, 1)) as pool:
+        for unit in units:
+            in_flight.append((unit, pool.submit(tok.encode_array, unit[0])))
+            if len(in_flight) >= 4 * threads:
+                done, future = in_flight.popleft()
+                yield done, future.result()
+        while in_flight:
+            done, future = in_flight.popleft()
+            yield done, future.result()
 
 
 class _ShardWriter:
@@ -237,12 +242,12 @@ class _ShardWriter:
         self.digest = hashlib.sha256()
         self.tokens = self.documents = self.segments = 0
 
-    def write(self, ids: list[int], eot: int | None) -> None:
+    def write(self, ids: np.ndarray, eot: int | None) -> None:
         if eot is not None:
-            ids = [*ids, eot]
+            ids = np.append(ids, eot)
             self.documents += 1
         self.segments += 1
-        data = np.asarray(ids, dtype=self.dtype).tobytes()
+        data = ids.astype(self.dtype, copy=False).tobytes()
         self.file.write(data)
         self.digest.update(data)
         self.tokens += len(ids)

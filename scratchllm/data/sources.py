@@ -31,8 +31,9 @@ COMPRESSED_SUFFIXES = (".gz", ".zst", ".bz2", ".xz")
 # Long documents are cut into segments of about this size: for bounded memory, and so that
 # the train/val split (by segment) can give a one-file corpus a validation part.
 SEGMENT_CHARS = 50_000
-# A newline between a non-space and a letter: both built-in patterns end a chunk there.
-_SAFE_CUT = regex.compile(r"(?<=\S\n)(?=\p{L})")
+# Places where both built-in patterns always end a chunk, best first: a line break between a
+# non-space and a letter, then a single space between two letters (" word" stays one chunk).
+_SAFE_CUTS = (regex.compile(r"(?<=\S\r?\n)(?=\p{L})"), regex.compile(r"(?<=\p{L})(?= \p{L})"))
 
 
 @dataclass
@@ -216,18 +217,23 @@ def _segments_of(blocks: Iterable[str], origin: str) -> Iterator[Segment]:
     for block in blocks:
         pending += block
         while len(pending) > 2 * SEGMENT_CHARS:
-            cut = _SAFE_CUT.search(pending, SEGMENT_CHARS)
-            if cut is None:
-                break
-            yield Segment(pending[: cut.start()], origin, last=False)
-            pending = pending[cut.start() :]
-    while len(pending) > 2 * SEGMENT_CHARS:  # the tail may still hold several segments
-        cut = _SAFE_CUT.search(pending, SEGMENT_CHARS)
-        if cut is None:
-            break
-        yield Segment(pending[: cut.start()], origin, last=False)
-        pending = pending[cut.start() :]
+            cut = _cut_position(pending)
+            yield Segment(pending[:cut], origin, last=False)
+            pending = pending[cut:]
+    while len(pending) > 2 * SEGMENT_CHARS:
+        cut = _cut_position(pending)
+        yield Segment(pending[:cut], origin, last=False)
+        pending = pending[cut:]
     yield Segment(pending, origin, last=True)
+
+
+def _cut_position(text: str) -> int:
+    """A safe cut between SEGMENT_CHARS and 2 * SEGMENT_CHARS (a hard cut if there is none)."""
+    for pattern in _SAFE_CUTS:
+        match = pattern.search(text, SEGMENT_CHARS, 2 * SEGMENT_CHARS)
+        if match:
+            return match.start()
+    return 2 * SEGMENT_CHARS  # text with no letters at all: tokens may differ at this cut
 
 
 def _lines(path: Path, options: SourceOptions) -> Iterator[str]:

@@ -4,7 +4,7 @@ import json
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import regex
 
@@ -18,6 +18,9 @@ ENDOFTEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 UNK = "<|unk|>"
 DEFAULT_SPECIALS = (ENDOFTEXT, PAD, UNK)
+
+if TYPE_CHECKING:
+    import numpy as np
 
 AllowedSpecial = Literal["all"] | Collection[str]
 
@@ -81,6 +84,12 @@ class BaseTokenizer:
     ) -> list[list[int]]:
         """Encode many texts (the BPE tokenizer does it on `num_threads` threads)."""
         return [self.encode(text, allowed_special) for text in texts]
+
+    def encode_array(self, text: str) -> "np.ndarray":
+        """encode_ordinary as a uint32 numpy array."""
+        import numpy as np
+
+        return np.asarray(self.encode_ordinary(text), dtype=np.uint32)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode ids to text; bytes that do not form valid UTF-8 become U+FFFD."""

@@ -15,6 +15,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from scratchllm.errors import UserError
 from scratchllm.fileio import atomic_write_text
 from scratchllm.tokenizer.base import (
@@ -127,6 +129,10 @@ class Tokenizer(BaseTokenizer):
             list(texts), num_threads=num_threads, allowed_special=allowed, disallowed_special=()
         )
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode_ordinary as a uint32 array, straight from tiktoken's buffer (no list)."""
+        return self.fast.encode_to_numpy(text, disallowed_special=())
+
     def encode_reference(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         """The readable pure-Python encoder; gives exactly the ids of `encode`."""
         return self._encode_with(self.encode_ordinary_reference, text, allowed_special)
@@ -187,8 +193,9 @@ class Tokenizer(BaseTokenizer):
     def from_dict(cls, data: dict[str, Any]) -> "Tokenizer":
         vocab = [str_to_bytes(s) for s in data["vocab"]]
         merges = [(int(a), int(b)) for a, b in data["merges"]]
+        known = set(vocab)
         for a, b in merges:
-            if vocab[a] + vocab[b] not in vocab:  # an O(n) check, but files are read rarely
+            if vocab[a] + vocab[b] not in known:
                 raise UserError(f"merge ({a}, {b}) makes no token in the vocabulary")
         return cls(vocab, merges, {str(k): int(v) for k, v in data["special_tokens"].items()},
                    str(data["pattern"]))
