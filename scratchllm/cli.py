@@ -15,7 +15,10 @@ Handler = Callable[[argparse.Namespace], int | None]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; user mistakes print one `error:` line and exit with status 1."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
@@ -40,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_tokenizer_commands(commands)
     _add_data_commands(commands)
+    _add_train_commands(commands)
     return parser
 
 
@@ -292,3 +296,63 @@ def cmd_data_download(args: argparse.Namespace) -> None:
     for name in args.names:
         for path in registry.files(name, progress=sys.stderr.isatty()):
             print(path)
+
+
+# --- pretraining ---------------------------------------------------------------------------
+NEXT_STEPS = """next:
+  scratchllm generate --checkpoint {run} --prompt "ROMEO:"   # sample more
+  scratchllm plot {run}                                        # the loss curve
+  scratchllm pretrain --config {config} --out {run} --resume --max-steps {more}   # train longer"""
+
+
+def _add_train_commands(commands) -> None:
+    p = commands.add_parser(
+        "pretrain", help="pretrain a GPT on a corpus",
+        description="Pretrain a GPT. Every config key can be overridden as "
+                    "--section.key=value (e.g. --train.max_steps=500 --model.n_layer=8).")
+    p.add_argument("--config", type=Path, help="TOML config (presets in configs/)")
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--max-steps", type=int, help="total optimizer steps (= train.max_steps)")
+    p.add_argument("--save-every", type=int, help="checkpoint interval (= checkpoint.every)")
+    p.add_argument("--log-every", type=int, help="metrics interval (= train.log_every)")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="auto|DIR",
+                   help="continue the run in --out (auto, the default) or from a run or "
+                        "checkpoint directory")
+    p.set_defaults(handler=cmd_pretrain, accepts_overrides=True)
+
+    p = commands.add_parser("plot", help="draw a run's loss curve",
+                            description="Write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl.")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--out", type=Path, help="PNG file (default RUN_DIR/loss.png)")
+    p.set_defaults(handler=cmd_plot)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from scratchllm.config import load_config
+    from scratchllm.train import Trainer
+
+    overrides = list(args.overrides)
+    for flag, key in (("max_steps", "train.max_steps"), ("save_every", "checkpoint.every"),
+                      ("log_every", "train.log_every")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"--{key}={getattr(args, flag)}")
+    config = load_config(args.config, overrides)
+    trainer = Trainer(config, args.out, resume=args.resume, progress=sys.stderr.isatty(),
+                      log=lambda message: print(message, file=sys.stderr))
+    result = trainer.run()
+    for sample in result.samples:
+        print(f"\n--- sample at step {result.step} ---\n{sample}\n")
+    config_arg = args.config or "CONFIG"
+    if result.interrupted:
+        print(f"stopped at step {result.step}; checkpoint {result.checkpoint}\nresume with: "
+              f"scratchllm pretrain --config {config_arg} --out {args.out} --resume",
+              file=sys.stderr)
+        return 130
+    print(NEXT_STEPS.format(run=args.out, config=config_arg, more=2 * result.step))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from scratchllm.train.metrics import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out)}")

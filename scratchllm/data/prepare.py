@@ -47,7 +47,7 @@ from scratchllm.tokenizer import BaseTokenizer, load_tokenizer
 META_FORMAT = "scratchllm-shards"
 META_VERSION = 1
 # Bump when the same inputs would give different shards (cleaning, segmenting, format).
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 SPLITS = ("train", "val")
 
 
@@ -213,23 +213,41 @@ def _split_of(unit: int, options: PrepareOptions) -> str:
     return "val" if int((unit + 1) * f + 0.5) > int(unit * f + 0.5) else "train"
 
 
-def _encode_in_order(tok: BaseTokenizer, units: Iterator[tuple[str, str, bool]], threads: int
+def _encode_in_order(tok: BaseTokenizer, units: Iterator[tuple[str, str, bool]], threads: int,
+                     group_chars: int = 65_536
                      ) -> Iterator[tuple[tuple[str, str, bool], np.ndarray]]:
     """Encode units on a thread pool (tiktoken releases the GIL), yielding them in order.
 
-    At most a few units per thread are in flight, so memory stays bounded, and reading and
-    cleaning the next units overlaps with encoding.
+    Units travel in groups of about `group_chars` characters (one task per group keeps the
+    pool's overhead small); at most a few groups per thread are in flight, so memory stays
+    bounded, and reading and cleaning the next units overlaps with encoding.
     """
+
+    def encode_group(group: list[tuple[str, str, bool]]) -> list[np.ndarray]:
+        return [tok.encode_array(unit[0]) for unit in group]
+
     in_flight: deque = deque()
     with ThreadPoolExecutor(max(threads, 1)) as pool:
-        for unit in units:
-            in_flight.append((unit, pool.submit(tok.encode_array, unit[0])))
+        for group in _groups(units, group_chars):
+            in_flight.append((group, pool.submit(encode_group, group)))
             if len(in_flight) >= 4 * threads:
                 done, future = in_flight.popleft()
-                yield done, future.result()
+                yield from zip(done, future.result(), strict=True)
         while in_flight:
             done, future = in_flight.popleft()
-            yield done, future.result()
+            yield from zip(done, future.result(), strict=True)
+
+
+def _groups(units: Iterator[tuple[str, str, bool]], group_chars: int):
+    group, size = [], 0
+    for unit in units:
+        group.append(unit)
+        size += len(unit[0])
+        if size >= group_chars:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
 
 
 class _ShardWriter:

@@ -30,7 +30,7 @@ RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".bz2", ".xz")
 # Long documents are cut into segments of about this size: for bounded memory, and so that
 # the train/val split (by segment) can give a one-file corpus a validation part.
-SEGMENT_CHARS = 50_000
+SEGMENT_CHARS = 2_000
 # Places where both built-in patterns always end a chunk, best first: a line break between a
 # non-space and a letter, then a single space between two letters (" word" stays one chunk).
 _SAFE_CUTS = (regex.compile(r"(?<=\S\r?\n)(?=\p{L})"), regex.compile(r"(?<=\p{L})(?= \p{L})"))
@@ -213,27 +213,25 @@ def _text_segments(path: Path, options: SourceOptions) -> Iterator[Segment]:
 
 def _segments_of(blocks: Iterable[str], origin: str) -> Iterator[Segment]:
     """Cut a document arriving in blocks into segments of about SEGMENT_CHARS at safe cuts."""
-    pending = ""
+    pending, pos = "", 0
     for block in blocks:
-        pending += block
-        while len(pending) > 2 * SEGMENT_CHARS:
-            cut = _cut_position(pending)
-            yield Segment(pending[:cut], origin, last=False)
-            pending = pending[cut:]
-    while len(pending) > 2 * SEGMENT_CHARS:
-        cut = _cut_position(pending)
-        yield Segment(pending[:cut], origin, last=False)
-        pending = pending[cut:]
-    yield Segment(pending, origin, last=True)
+        pending = pending[pos:] + block
+        pos = 0
+        while len(pending) - pos > 2 * SEGMENT_CHARS:
+            cut = _cut_position(pending, pos)
+            yield Segment(pending[pos:cut], origin, last=False)
+            pos = cut
+    yield Segment(pending[pos:], origin, last=True)
 
 
-def _cut_position(text: str) -> int:
-    """A safe cut between SEGMENT_CHARS and 2 * SEGMENT_CHARS (a hard cut if there is none)."""
+def _cut_position(text: str, pos: int) -> int:
+    """A safe cut in text[pos + SEGMENT_CHARS : pos + 2 * SEGMENT_CHARS] (hard if none)."""
+    start, end = pos + SEGMENT_CHARS, pos + 2 * SEGMENT_CHARS
     for pattern in _SAFE_CUTS:
-        match = pattern.search(text, SEGMENT_CHARS, 2 * SEGMENT_CHARS)
+        match = pattern.search(text, start, end)
         if match:
             return match.start()
-    return 2 * SEGMENT_CHARS  # text with no letters at all: tokens may differ at this cut
+    return end  # text with no letters at all: tokens may differ at this cut
 
 
 def _lines(path: Path, options: SourceOptions) -> Iterator[str]:

@@ -1,0 +1,178 @@
+"""Checkpoints: self-contained directories, written atomically, with exact training state.
+
+RUN_DIR/checkpoints/step-000500/
+    model.safetensors, config.json   the model (GPT.save_pretrained)
+    tokenizer.json                   the tokenizer
+    training.safetensors             optimizer tensors and torch/NumPy RNG states
+    training.json                    step, optimizer hyper-parameters, data-loader position,
+                                     Python RNG state, best val loss, the run config
+
+A checkpoint is written into `.partial-step-000500/` and renamed into place when complete,
+so a crash (even SIGKILL) mid-write leaves the previous checkpoints intact; the newest
+complete `step-*` directory is the one to resume from.
+"""
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from scratchllm.errors import UserError
+from scratchllm.fileio import atomic_write_bytes, atomic_write_text
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+PARTIAL = ".partial-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from itself or from a run directory (its newest checkpoint)."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    checkpoints = list_checkpoints(path)
+    if checkpoints:
+        return checkpoints[-1]
+    raise UserError(f"{path} is neither a checkpoint directory (with model.safetensors) nor a "
+                    "run directory with checkpoints; train one with `scratchllm pretrain`")
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, values in state["state"].items():
+        meta["state"][str(index)] = {}
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                meta["state"][str(index)][key] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Python, NumPy and torch (CPU and CUDA) RNG states, as tensors + JSON."""
+    np_state = np.random.get_state()
+    tensors = {"rng.torch": torch.get_rng_state(),
+               "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    meta = {"python": [random.getstate()[0], list(random.getstate()[1]), None],
+            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Restore what rng_state saved."""
+    version, internal, _ = meta["python"]
+    random.setstate((version, tuple(internal), None))
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss,
+                         cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, tokenizer,
+                    state: dict[str, Any]) -> Path:
+    """Write a complete checkpoint for `step` atomically; return its directory."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / step_dir_name(step)
+    partial = root / f"{PARTIAL}{step_dir_name(step)}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save_pretrained(partial)
+    tokenizer.save(partial / "tokenizer.json")
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = rng_state()
+    atomic_write_bytes(partial / "training.safetensors", save({**opt_tensors, **rng_tensors}))
+    atomic_write_text(partial / "training.json", json.dumps(
+        {**state, "step": step, "optimizer": opt_meta, "rng": rng_meta}, indent=1) + "\n")
+    _fsync_dir(partial)
+    if final.exists():  # re-saving the same step (e.g. interrupted right after a save)
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    _fsync_dir(root)
+    return final
+
+
+def load_training_state(checkpoint: Path, optimizer) -> dict[str, Any]:
+    """Restore optimizer and RNG states from a checkpoint; return training.json's dict."""
+    try:
+        state = json.loads((checkpoint / "training.json").read_text(encoding="utf-8"))
+        tensors = load_file(checkpoint / "training.safetensors")
+    except (OSError, json.JSONDecodeError, ValueError) as e:
+        raise UserError(f"{checkpoint} has no readable training state ({e}); resume from an "
+                        "earlier checkpoint or start a new run") from None
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    set_rng_state(tensors, state["rng"])
+    return state
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: set[str]) -> None:
+    """Delete all but the newest `keep_last` checkpoints and those named in `keep`."""
+    checkpoints = list_checkpoints(run_dir)
+    for path in checkpoints[: max(len(checkpoints) - keep_last, 0)]:
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_partials(run_dir: str | Path) -> None:
+    """Delete half-written checkpoints left by a crash."""
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for path in root.glob(f"{PARTIAL}*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer) from a checkpoint or run directory."""
+    from scratchllm.model import GPT
+    from scratchllm.tokenizer import load_tokenizer
+
+    checkpoint = find_checkpoint(path)
+    model = GPT.from_pretrained(checkpoint, device=device).eval()
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    return model, tokenizer

@@ -1,0 +1,59 @@
+"""AdamW with weight decay on matrices only, and the learning-rate schedules."""
+
+import math
+
+import torch
+from torch import nn
+
+from scratchllm.config import OptimConfig
+from scratchllm.errors import UserError
+
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay the weight matrices of Linear layers; not norms, biases or embeddings.
+
+    Embeddings are excluded by choice: decaying rows of rare tokens toward zero between their
+    occurrences only hurts them. With tied embeddings the shared matrix counts as embedding.
+    """
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_matrix = param.ndim >= 2 and id(param) not in embedding_params
+        (decay if is_matrix else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device
+                    ) -> torch.optim.AdamW:
+    """AdamW over param_groups; the fused kernel on CUDA, foreach elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused,
+                             foreach=None if fused else True)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): warmup, then the schedule to min_lr."""
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"unknown optim.schedule {cfg.schedule!r}: choose one of "
+                        f"{', '.join(SCHEDULES)}")
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":  # stable at lr, then a linear decay over the last fraction
+        decay_start = max_steps - int(cfg.decay_fraction * max_steps)
+        if step < decay_start:
+            return cfg.lr
+        progress = (step - decay_start) / max(max_steps - decay_start, 1)
+    else:
+        progress = (step - cfg.warmup_steps) / max(max_steps - cfg.warmup_steps, 1)
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    return cfg.lr + progress * (cfg.min_lr - cfg.lr)  # linear and wsd's decay

@@ -1,0 +1,244 @@
+"""The trainer: schedules, decay groups, accumulation, exact resume, crashes, signals, NaN."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from scratchllm.config import OptimConfig, load_config
+from scratchllm.errors import UserError
+from scratchllm.model import GPT, GPTConfig, lm_loss_sum
+from scratchllm.train import Trainer
+from scratchllm.train import trainer as trainer_module
+from scratchllm.train.checkpoint import list_checkpoints, load_for_inference
+from scratchllm.train.optim import lr_at, param_groups
+from scratchllm.train.setup import prepare_model
+
+TINY = [
+    "--data.source=the-verdict", "--data.tokenizer=char", "--model.context_length=32",
+    "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.resid_dropout=0.1",
+    "--train.batch_size=4", "--train.log_every=1", "--eval.every=3", "--eval.batches=2",
+    "--eval.sample_tokens=0", "--optim.warmup_steps=2", "--checkpoint.every=4",
+    "--train.threads=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def mirror(monkeypatch, data):
+    monkeypatch.setenv("SCRATCHLLM_DATA_DIR", str(data))
+
+
+def tiny_config(*extra: str):
+    return load_config(None, [*TINY, *extra])
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def quiet(*_):
+    pass
+
+
+# --- pieces ---------------------------------------------------------------------------------
+def test_schedules():
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)  # cosine half way
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    cfg.schedule = "linear"
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55) and lr_at(35, cfg, 110) == pytest.approx(
+        0.775)
+    cfg.schedule = "constant"
+    assert lr_at(100, cfg, 110) == 1.0
+    cfg.schedule, cfg.decay_fraction = "wsd", 0.2
+    assert lr_at(87, cfg, 110) == 1.0 and lr_at(99, cfg, 110) == pytest.approx(0.55)
+    cfg.schedule = "nope"
+    with pytest.raises(UserError, match="unknown optim.schedule"):
+        lr_at(50, cfg, 110)
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(GPTConfig.preset("nano", n_layer=1, tie_embeddings=False, vocab_size=50))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decayed and all(n.endswith("weight") and "norm" not in n and "emb" not in n
+                           for n in decayed)
+    assert "lm_head.weight" in decayed
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert "tok_emb.weight" in kept and any(n.endswith("bias") for n in kept)
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("nano", n_layer=1, vocab_size=50, context_length=16))
+    x = torch.randint(0, 50, (8, 16))
+    y = torch.randint(0, 50, (8, 16))
+    y[0, :5] = -100  # padding must not skew the mean
+
+    def grads(chunks):
+        model.zero_grad()
+        n = sum(int((yy != -100).sum()) for _, yy in chunks)
+        for xx, yy in chunks:
+            (lm_loss_sum(model(xx), yy)[0] / n).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    big = grads([(x, y)])
+    small = grads([(x[:4], y[:4]), (x[4:], y[4:])])
+    for a, b in zip(big, small, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("nano", n_layer=2, vocab_size=40, context_length=16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 40, (4, 16))
+    first = None
+    for _ in range(60):
+        loss = lm_loss_sum(model(x[:, :-1]), x[:, 1:])[0] / x[:, 1:].numel()
+        first = first or float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.2 * first
+
+
+def test_activation_checkpointing_keeps_names_and_gradients():
+    torch.manual_seed(0)
+    cfg = GPTConfig.preset("nano", n_layer=2, vocab_size=40, context_length=16)
+    plain, wrapped = GPT(cfg), GPT(cfg)
+    wrapped.load_state_dict(plain.state_dict())
+    prepare_model(wrapped, load_config(None, ["--train.activation_checkpointing=true"]).train)
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    x = torch.randint(0, 40, (2, 16))
+    for m in (plain, wrapped):
+        (lm_loss_sum(m(x[:, :-1]), x[:, 1:])[0]).backward()
+    for a, b in zip(plain.parameters(), wrapped.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# --- runs -----------------------------------------------------------------------------------
+def test_exact_resume_matches_an_uninterrupted_run(tmp_path):
+    Trainer(tiny_config("--train.max_steps=8"), tmp_path / "full", log=quiet,
+            progress=False).run()
+    stopped = Trainer(tiny_config("--train.max_steps=8"), tmp_path / "split", log=quiet,
+                      progress=False)
+    stopped.step_callbacks.append(lambda t, step: setattr(t, "stop_requested", step == 5))
+    result = stopped.run()
+    assert result.interrupted and result.step == 5
+    assert [p.name for p in list_checkpoints(tmp_path / "split")][-1] == "step-000005"
+    resumed = Trainer(tiny_config("--train.max_steps=8"), tmp_path / "split", resume="auto",
+                      log=quiet, progress=False).run()
+    assert resumed.step == 8 and not resumed.interrupted
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")  # bit for bit
+    assert len(losses(tmp_path / "full")) == 8
+
+
+def test_existing_run_needs_resume(tmp_path):
+    Trainer(tiny_config("--train.max_steps=2"), tmp_path, log=quiet, progress=False).run()
+    with pytest.raises(UserError, match="pass --resume"):
+        Trainer(tiny_config("--train.max_steps=4"), tmp_path, log=quiet, progress=False).run()
+
+
+def test_checkpoint_is_self_contained(tmp_path):
+    Trainer(tiny_config("--train.max_steps=4"), tmp_path, log=quiet, progress=False).run()
+    model, tok = load_for_inference(tmp_path)
+    assert tok.kind == "char" and model.config.n_layer == 2
+    assert (tmp_path / "loss.png").is_file() and (tmp_path / "config.toml").is_file()
+    assert "max_steps = 4" in (tmp_path / "config.toml").read_text()
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        total, count = lm_loss_sum(logits, targets)
+        return (total * math.nan if calls["n"] == 6 else total), count
+
+    monkeypatch.setattr(trainer_module, "lm_loss_sum", poisoned)
+    with pytest.raises(UserError, match="loss became nan at step 6.*step-000004"):
+        Trainer(tiny_config("--train.max_steps=8", "--eval.every=0"), tmp_path / "a",
+                log=quiet, progress=False).run()
+    assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["step-000004"]
+
+    calls["n"] = 0
+    warnings = []
+    result = Trainer(tiny_config("--train.max_steps=8", "--eval.every=0",
+                                 "--train.nan_policy=skip"), tmp_path / "b",
+                     log=warnings.append, progress=False).run()
+    assert result.step == 8 and any("skipped" in w for w in warnings)
+
+
+SIGKILL_SCRIPT = """
+import os, signal, sys
+from scratchllm.config import load_config
+from scratchllm.train import Trainer, checkpoint
+real = checkpoint.atomic_write_bytes
+def dying(path, data):
+    real(path, data[: len(data) // 2])  # half a file, then the power goes out
+    if "step-000008" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, data)
+checkpoint.atomic_write_bytes = dying
+Trainer(load_config(None, sys.argv[2:]), sys.argv[1], progress=False).run()
+"""
+
+
+def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    args = [*TINY, "--train.max_steps=10"]
+    proc = subprocess.run([sys.executable, "-c", SIGKILL_SCRIPT, str(tmp_path / "run"), *args],
+                          capture_output=True, text=True, env=os.environ | {"PYTHONPATH": "."})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # step 6 was saved as the best by val loss; step 8 died half-written
+    assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "step-000006"
+    result = Trainer(load_config(None, args), tmp_path / "run", resume="auto", log=quiet,
+                     progress=False).run()
+    assert result.step == 10
+    assert not list((tmp_path / "run" / "checkpoints").glob(".partial-*"))
+    Trainer(load_config(None, args), tmp_path / "full", log=quiet, progress=False).run()
+    assert losses(tmp_path / "run") == losses(tmp_path / "full")
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "scratchllm", "pretrain", "--out", str(run),
+           "--max-steps", "100000", *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "resume with: scratchllm pretrain" in err and "--resume" in err
+    last = list_checkpoints(run)[-1]
+    assert int(last.name.split("-")[1]) == losses(run)[-1][0]
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    from scratchllm.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nmax_step = 5\n")
+    assert main(["pretrain", "--config", str(bad), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean 'max_steps'" in err
+    assert main(["pretrain", "--out", str(tmp_path / "r"), "--model.n_embd=30",
+                 "--model.n_head=4", "--train.max_steps=1", *TINY[:2]]) == 1
+    assert "divisible" in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(tmp_path / "r"), "--train.dtype=float8"]) == 1
+    assert not (tmp_path / "r" / "checkpoints").exists()
