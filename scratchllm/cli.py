@@ -19,6 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_commands(commands)
     _add_data_commands(commands)
     _add_train_commands(commands)
+    from scratchllm.generate.cli import add_generate_command
+
+    add_generate_command(commands)
     return parser
 
 
@@ -300,9 +304,31 @@ def cmd_data_download(args: argparse.Namespace) -> None:
 
 # --- pretraining ---------------------------------------------------------------------------
 NEXT_STEPS = """next:
-  scratchllm generate --checkpoint {run} --prompt "ROMEO:"   # sample more
-  scratchllm plot {run}                                        # the loss curve
-  scratchllm pretrain --config {config} --out {run} --resume --max-steps {more}   # train longer"""
+  scratchllm generate --checkpoint {run} --prompt "ROMEO:"    # sample more
+  scratchllm plot {run}                                         # the loss curve
+  {longer}   # train longer"""
+
+
+def _rerun_command(argv: list[str], max_steps: int | None = None) -> str:
+    """The pretrain command line again, with --resume (and a new --max-steps if given)."""
+    import shlex
+
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--max-steps" and max_steps is not None:
+            skip = True
+            continue
+        if arg.startswith(("--max-steps=", "--train.max_steps=")) and max_steps is not None:
+            continue
+        args.append(arg)
+    if "--resume" not in args and not any(a.startswith("--resume=") for a in args):
+        args.append("--resume")
+    if max_steps is not None:
+        args += ["--max-steps", str(max_steps)]
+    return shlex.join(["scratchllm", *args])
 
 
 def _add_train_commands(commands) -> None:
@@ -342,13 +368,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     result = trainer.run()
     for sample in result.samples:
         print(f"\n--- sample at step {result.step} ---\n{sample}\n")
-    config_arg = args.config or "CONFIG"
     if result.interrupted:
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}\nresume with: "
-              f"scratchllm pretrain --config {config_arg} --out {args.out} --resume",
-              file=sys.stderr)
+              f"{_rerun_command(args.argv)}", file=sys.stderr)
         return 130
-    print(NEXT_STEPS.format(run=args.out, config=config_arg, more=2 * result.step))
+    print(NEXT_STEPS.format(run=args.out, longer=_rerun_command(args.argv, 2 * result.step)))
     return 0
 
 

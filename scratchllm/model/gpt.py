@@ -1,0 +1,273 @@
+"""The decoder-only transformer (GPT-2 and LLaMA families, chosen by GPTConfig)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from scratchllm.errors import UserError
+from scratchllm.fileio import atomic_write_bytes, atomic_write_text
+from scratchllm.model.attention import AttnInputs, CausalSelfAttention
+from scratchllm.model.cache import KVCache, make_caches
+from scratchllm.model.config import GPTConfig
+from scratchllm.model.layers import (
+    Linear,
+    alibi_slopes,
+    make_mlp,
+    make_norm,
+    rope_tables,
+    sinusoidal_table,
+)
+from scratchllm.model.loss import lm_loss
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer: attention then MLP, each added to the residual stream."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
+
+    def forward(self, x: Tensor, inputs: AttnInputs, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), inputs, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """Token embedding, n_layer Blocks, final norm, and a (possibly tied) output projection."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos_encoding == "learned":
+            self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.embd_dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.init_buffers()
+        self.init_weights()
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def init_buffers(self) -> None:
+        """(Re)compute the fixed tables; call after `to_empty()` when built on the meta device."""
+        cfg, device = self.config, self.tok_emb.weight.device
+        n = cfg.context_length
+        # Non-persistent: derived from the config, so they never enter state_dict().
+        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()  # [i, j]: j <= i
+        self.register_buffer("causal_mask", causal, persistent=False)
+        if cfg.pos_encoding == "sinusoidal":
+            self.register_buffer("sin_table", sinusoidal_table(n, cfg.n_embd).to(device),
+                                 persistent=False)
+        if cfg.pos_encoding == "rope":
+            cos, sin = rope_tables(n, cfg.head_dim, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        if cfg.pos_encoding == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head).to(device),
+                                 persistent=False)
+
+    def init_weights(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections / sqrt(2L)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm | nn.RMSNorm):
+                module.reset_parameters()
+        # Each layer adds two outputs to the residual stream; scale so its variance stays ~1.
+        for block in self.blocks:
+            for proj in (block.attn.o_proj, block.mlp.down_proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def make_cache(self, batch_size: int, max_seq: int | None = None,
+                   dtype: torch.dtype | None = None, device: torch.device | str | None = None
+                   ) -> nn.ModuleList:
+        """Preallocated KV caches (one per layer) for incremental decoding."""
+        cfg = self.config
+        max_seq = cfg.context_length if max_seq is None else max_seq
+        if not 0 < max_seq <= cfg.context_length:
+            raise UserError(f"cache length {max_seq} must be in 1..context_length "
+                            f"({cfg.context_length}): shorten the generation")
+        weight = self.tok_emb.weight
+        return make_caches(cfg.n_layer, batch_size, cfg.n_kv_head, max_seq, cfg.head_dim,
+                           dtype or weight.dtype, device or weight.device)
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *,
+                attention_mask: Tensor | None = None, positions: Tensor | None = None,
+                cache: nn.ModuleList | None = None, input_pos: Tensor | None = None,
+                ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B, T, vocab) for token ids idx (B, T); with targets, (logits, mean loss).
+
+        targets are aligned with idx (already shifted; -100 = ignore). attention_mask (B, L),
+        1 = real token, 0 = padding; positions then count real tokens only, so left padding works.
+        With a cache (make_cache), input_pos (T,) gives the cache slots that idx fills.
+        """
+        B, T = idx.shape
+        inputs, positions = self._attn_inputs(B, T, attention_mask, positions, cache, input_pos)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.config.pos_encoding == "learned":
+            x = x + self.pos_emb(positions)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.sin_table[positions]
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, inputs, cache[i] if cache is not None else None)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        return logits, lm_loss(logits, targets)
+
+    def _attn_inputs(self, B: int, T: int, attention_mask: Tensor | None,
+                     positions: Tensor | None, cache: nn.ModuleList | None,
+                     input_pos: Tensor | None) -> tuple[AttnInputs, Tensor]:
+        """Positions (B|T shaped), rotary angles and the additive mask shared by every layer."""
+        cfg, device = self.config, self.causal_mask.device
+        if cache is not None:
+            if input_pos is None or input_pos.shape != (T,):
+                raise UserError(f"with a KV cache pass input_pos, the {T} cache slots of idx")
+            S = cache[0].max_seq  # keys span the whole cache: fixed shapes for every step
+            slots = torch.arange(S, device=device)
+        else:
+            if T > cfg.context_length:
+                raise UserError(f"sequence length {T} exceeds context_length "
+                                f"{cfg.context_length}: crop the input")
+            S, input_pos = T, torch.arange(T, device=device)
+            slots = input_pos
+        keep = None  # (B, S) True = real token
+        if attention_mask is not None:
+            keep = attention_mask.to(device=device, dtype=torch.bool)
+            if keep.ndim != 2 or keep.shape[0] != B or keep.shape[1] > S:
+                raise UserError(f"attention_mask must be (batch, <= {S}) of 0/1, "
+                                f"got {tuple(attention_mask.shape)}")
+            if keep.shape[1] < S:  # slots not written yet: the causal mask hides them anyway
+                keep = torch.cat([keep, keep.new_ones(B, S - keep.shape[1])], dim=1)
+        # Position of every slot: real tokens count from 0 in each row (left padding works).
+        slot_pos = slots if keep is None else (keep.long().cumsum(-1) - 1).clamp(min=0)
+        if positions is None:
+            positions = slot_pos[..., input_pos]  # (T,) or (B, T)
+
+        rope = None
+        if cfg.pos_encoding == "rope":
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (..., T, hd)
+            rope = (cos.unsqueeze(-3), sin.unsqueeze(-3))  # (1|B, 1, T, hd) after broadcasting
+
+        mask = None
+        if cache is not None or keep is not None or cfg.pos_encoding == "alibi":
+            allowed = self.causal_mask[input_pos, :S]  # (T, S), from the precomputed buffer
+            if keep is not None:  # hide padding keys; a padding query still sees itself (no NaN)
+                allowed = allowed & (keep[:, None, :] | (slots == input_pos[:, None]))  # (B, T, S)
+            mask = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+            mask = mask.unsqueeze(-3)  # (B|1, 1, T, S) broadcast over heads
+            if cfg.pos_encoding == "alibi":  # linear penalty on the query-key distance
+                key_pos = positions if cache is None else slot_pos  # (..., S)
+                dist = key_pos.unsqueeze(-2) - positions.unsqueeze(-1)  # (..., T, S), <= 0 if seen
+                bias = self.alibi_slopes[:, None, None] * dist.unsqueeze(-3).float()
+                mask = mask + bias  # (B|1, H, T, S)
+            if mask.ndim == 3:
+                mask = mask[None]
+        return AttnInputs(rope, mask, input_pos if cache is not None else None), positions
+
+    # ---- counting ---------------------------------------------------------------------------
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count (tied weights once); embeddings=False drops embedding and lm_head."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            skip = {id(self.tok_emb.weight), id(self.lm_head.weight)}
+            if self.config.pos_encoding == "learned":
+                skip.add(id(self.pos_emb.weight))
+            n -= sum(p.numel() for p in self.parameters() if id(p) in skip)
+        return n
+
+    # ---- save / load ------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write model.safetensors + config.json (GPTConfig) into directory `path`."""
+        from safetensors.torch import save
+
+        path = Path(path)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            del state["lm_head.weight"]  # the same tensor as tok_emb.weight
+        atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
+        atomic_write_text(path / CONFIG_NAME, self.config.to_json())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> GPT:
+        """Load a directory written by save_pretrained (never unpickles anything)."""
+        path = Path(path)
+        config = load_config(path)
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UserError(f"{weights} not found: point at a directory saved by save_pretrained")
+        try:
+            from safetensors.torch import load_file
+
+            state = load_file(weights, device=str(device))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"{weights} is not a readable safetensors file ({e}): re-save it") \
+                from e
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_weights(state, assign=True)
+        model.init_buffers()
+        return model.to(device)
+
+    def load_weights(self, state: dict[str, Tensor], assign: bool = False) -> None:
+        """load_state_dict that accepts a missing tied lm_head and fails with a clear message."""
+        state = dict(state)
+        if self.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        expected = set(self.state_dict()) - ({"lm_head.weight"} if self.config.tie_embeddings
+                                             else set())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise UserError(f"weights do not match the config: missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}: check that config.json belongs to these weights")
+        for key, value in state.items():
+            want = self.state_dict()[key].shape
+            if value.shape != want:
+                raise UserError(f"weight {key} has shape {tuple(value.shape)}, config expects "
+                                f"{tuple(want)}: check that config.json belongs to these weights")
+        self.load_state_dict(state, strict=False, assign=assign)
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # assign=True replaced the shared Parameter
+
+
+def load_config(path: str | os.PathLike) -> GPTConfig:
+    """Read the GPTConfig in `path`/config.json (or a JSON file) with clear errors."""
+    path = Path(path)
+    file = path / CONFIG_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{file} not found: point at a directory saved by save_pretrained")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file} is not valid JSON ({e}): re-save the model") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{file} must hold a JSON object of GPTConfig fields")
+    if "model_type" in data:
+        raise UserError(f"{file} is a Hugging Face config: load it with "
+                        "scratchllm.model.convert.from_hf")
+    return GPTConfig.from_dict(data)

@@ -1,0 +1,56 @@
+"""Language-model loss: fp32 cross-entropy, summed, divided by the number of real targets."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100  # targets equal to this (padding, prompt tokens) carry no loss
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    """sum over real targets of logsumexp(x) - x[target], in fp32, with a one-pass gradient.
+
+    Same value as F.cross_entropy(reduction="sum"), but it never materialises log-softmax or
+    a zero-filled (N, V) gradient: backward is softmax(x) - onehot(target), built in place.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, ignore_index: int  # type: ignore[override]
+                ) -> Tensor:
+        x = logits.float()  # (N, V); a no-op for fp32 logits
+        valid = targets != ignore_index  # (N,)
+        safe = torch.where(valid, targets, 0)
+        lse = torch.logsumexp(x, dim=-1)  # (N,)
+        picked = x.gather(1, safe[:, None]).squeeze(1)  # (N,)
+        ctx.save_for_backward(x, lse, safe, valid)
+        ctx.logits_dtype = logits.dtype
+        return ((lse - picked) * valid).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, lse, safe, valid = ctx.saved_tensors
+        g = torch.sub(x, lse[:, None]).exp_()  # softmax, (N, V)
+        g.scatter_add_(1, safe[:, None], g.new_full((g.shape[0], 1), -1.0))
+        g.mul_((grad * valid)[:, None])
+        return g.to(ctx.logits_dtype), None, None
+
+
+def lm_loss_sum(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX
+                ) -> tuple[Tensor, Tensor]:
+    """Summed fp32 cross-entropy of logits (B, T, V) vs targets (B, T), and the target count."""
+    loss = _CrossEntropySum.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                  ignore_index)
+    return loss, (targets != ignore_index).sum()
+
+
+def lm_loss(logits: Tensor, targets: Tensor, num_tokens: int | Tensor | None = None,
+            ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean cross-entropy per real target token.
+
+    With gradient accumulation pass num_tokens = the real targets of the whole global batch, so
+    that the k micro-batch losses add up to exactly the loss of one big batch.
+    """
+    total, count = lm_loss_sum(logits, targets, ignore_index)
+    denom = count if num_tokens is None else num_tokens
+    return total / (denom.clamp(min=1) if isinstance(denom, Tensor) else max(denom, 1))

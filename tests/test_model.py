@@ -1,0 +1,399 @@
+"""The transformer on its own: configs, attention paths, position encodings, KV cache, loss."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scratchllm.errors import UserError
+from scratchllm.model import (
+    GPT,
+    PRESETS,
+    GPTConfig,
+    count_params,
+    flops_per_token,
+    lm_loss,
+    lm_loss_sum,
+    mfu,
+)
+from scratchllm.model.attention import explicit_attention, sdpa_attention
+from scratchllm.model.layers import Linear, alibi_slopes, sinusoidal_table
+
+POS = ["learned", "sinusoidal", "rope", "alibi", "none"]
+
+
+def tiny(**kw) -> GPTConfig:
+    base = dict(vocab_size=61, context_length=32, n_layer=2, n_head=4, n_embd=32)
+    return GPTConfig(**{**base, **kw})
+
+
+def build(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny(**kw)).eval()
+
+
+def ids(B: int = 2, T: int = 12, seed: int = 1, vocab: int = 61) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- configs and counts --------------------------------------------------------------------
+
+PUBLISHED = {  # parameter counts with tied embeddings (GPT-2) / as released (TinyLlama)
+    "gpt2-small": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200, "tinyllama-1.1b": 1_100_048_384,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_param_counts_match_published(name):
+    assert count_params(GPTConfig.preset(name)) == PUBLISHED[name]
+
+
+def test_cpu_presets():
+    assert GPTConfig.preset("baby").to_dict() | {} == GPTConfig(
+        vocab_size=4096, context_length=256, n_layer=6, n_head=6, n_embd=384).to_dict()
+    for name in ("nano", "micro", "baby", "llama-tiny"):
+        assert GPTConfig.preset(name).vocab_size == 4096
+    assert GPTConfig.preset("gpt2-small").vocab_size == 50257
+    llama = GPTConfig.preset("llama-tiny")
+    assert (llama.pos_encoding, llama.norm, llama.mlp, llama.n_kv_head) == ("rope", "rmsnorm",
+                                                                            "swiglu", 2)
+    assert GPTConfig.preset("nano", n_layer=1).n_layer == 1
+    assert set(PRESETS) >= {"nano", "micro", "baby", "llama-tiny", "gpt2-small", "gpt2-xl"}
+
+
+def test_non_embedding_count_and_flops():
+    cfg = GPTConfig.preset("gpt2-small")
+    d, L, V = 768, 12, 50257
+    assert count_params(cfg, embeddings=False) == 124_439_808 - V * d - 1024 * d
+    assert count_params(cfg, embeddings=False) == L * (12 * d * d + 13 * d) + 2 * d
+    n = count_params(cfg, embeddings=False) + V * d
+    assert flops_per_token(cfg) == 6 * n + 12 * L * d * 1024
+    assert mfu(cfg, 1000.0, 1e12) == pytest.approx(flops_per_token(cfg) * 1000 / 1e12)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(n_embd=30, n_head=4), ["n_embd (30)", "divisible by n_head (4)"]),
+    (dict(n_head=4, n_kv_head=3), ["n_kv_head (3)", "divide n_head (4)"]),
+    (dict(pos_encoding="rotary"), ["unknown", "pos_encoding", "rope"]),
+    (dict(norm="batchnorm"), ["unknown", "norm", "layernorm, rmsnorm"]),
+    (dict(n_layer=0), ["n_layer", "positive"]),
+    (dict(attn_dropout=1.5), ["attn_dropout"]),
+])
+def test_bad_configs_fail_at_construction(kw, words):
+    with pytest.raises(UserError) as err:
+        tiny(**kw)
+    msg = str(err.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_unknown_preset_and_field_suggest_nearest():
+    with pytest.raises(UserError, match="did you mean 'gpt2-small'"):
+        GPTConfig.preset("gpt2-smal")
+    with pytest.raises(UserError, match="did you mean 'n_head'"):
+        GPTConfig.from_dict({"n_heads": 4})
+
+
+# ---- structure -----------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, from importing inductor
+def test_state_dict_keys_clean_and_stable():
+    model = GPT(GPTConfig.preset("nano"))
+    keys = list(model.state_dict())
+    block0 = [k.removeprefix("blocks.0.") for k in keys if k.startswith("blocks.0.")]
+    assert keys[:2] == ["tok_emb.weight", "pos_emb.weight"]
+    assert block0 == [f"{m}.{p}" for m in ("norm1", "attn.q_proj", "attn.k_proj", "attn.v_proj",
+                                             "attn.o_proj", "norm2", "mlp.up_proj",
+                                             "mlp.down_proj") for p in ("weight", "bias")]
+    assert keys[-3:] == ["norm_f.weight", "norm_f.bias", "lm_head.weight"]
+    assert len(keys) == 2 + 4 * 16 + 3
+    assert model.lm_head.weight is model.tok_emb.weight  # tied
+    model.compile()  # in place: the parameter names must not change (no _orig_mod.)
+    assert list(model.state_dict()) == keys
+    llama = GPT(GPTConfig.preset("llama-tiny"))
+    lkeys = list(llama.state_dict())
+    assert "blocks.3.mlp.gate_proj.weight" in lkeys and not any("bias" in k for k in lkeys)
+    assert not any("cos" in k or "mask" in k for k in keys + lkeys)  # buffers stay out
+
+
+def test_dropout_only_in_training():
+    model = build(embd_dropout=0.3, attn_dropout=0.3, resid_dropout=0.3).train()
+    x = ids()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("baby"))
+    std = lambda p: p.detach().std().item()  # noqa: E731
+    assert std(model.blocks[0].attn.q_proj.weight) == pytest.approx(0.02, rel=0.05)
+    assert std(model.tok_emb.weight) == pytest.approx(0.02, rel=0.05)
+    scaled = 0.02 / math.sqrt(2 * 6)
+    assert std(model.blocks[3].attn.o_proj.weight) == pytest.approx(scaled, rel=0.05)
+    assert std(model.blocks[3].mlp.down_proj.weight) == pytest.approx(scaled, rel=0.05)
+    assert model.blocks[0].mlp.up_proj.bias.abs().max() == 0
+    assert torch.all(model.blocks[0].norm1.weight == 1)
+
+
+def test_sinusoidal_matches_formula():
+    table = sinusoidal_table(50, 16)
+    for pos in (0, 1, 7, 49):
+        for i in range(8):
+            angle = pos / 10000 ** (2 * i / 16)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+    model = build(pos_encoding="sinusoidal")
+    assert torch.equal(model.sin_table, sinusoidal_table(32, 32))
+
+
+def test_alibi_slopes():
+    assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** -(k + 1) for k in range(8)]))
+    assert alibi_slopes(6).tolist() == pytest.approx(  # 4 of the 4-head series, 2 of the 8-head
+        [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+
+
+# ---- attention -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_attention_kernels_agree(n_kv):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 8, generator=g)
+    k, v = torch.randn(2, n_kv, 7, 8, generator=g), torch.randn(2, n_kv, 7, 8, generator=g)
+    ref = explicit_attention(q, k, v)
+    assert torch.allclose(sdpa_attention(q, k, v), ref, atol=1e-6)
+    # Against a from-the-definition loop for the first head, last query.
+    kk = k.repeat_interleave(4 // n_kv, dim=1)
+    w = torch.softmax(q[0, 0, -1] @ kk[0, 0].T / math.sqrt(8), dim=-1)
+    vv = v.repeat_interleave(4 // n_kv, dim=1)
+    assert torch.allclose(ref[0, 0, -1], w @ vv[0, 0], atol=1e-6)
+    mask = torch.zeros(2, 1, 7, 7).masked_fill(torch.rand(2, 1, 7, 7, generator=g) < 0.3, -math.inf)
+    mask[..., 0] = 0.0
+    assert torch.allclose(sdpa_attention(q, k, v, mask), explicit_attention(q, k, v, mask),
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("pos", POS)
+def test_explicit_path_equals_sdpa_path(pos):
+    fast = build(pos_encoding=pos, n_kv_head=2)
+    slow = build(pos_encoding=pos, n_kv_head=2, attention="explicit")
+    slow.load_state_dict(fast.state_dict())
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        assert torch.allclose(fast(x), slow(x), atol=1e-5)
+        assert torch.allclose(fast(x, attention_mask=mask), slow(x, attention_mask=mask),
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+@pytest.mark.parametrize("pos", POS)
+def test_future_tokens_never_change_the_past(pos, attention):
+    model = build(pos_encoding=pos, attention=attention)
+    x = ids(1, 16)
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 61
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.equal(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("pos", POS)
+def test_left_padding_gives_the_unpadded_logits(pos):
+    model = build(pos_encoding=pos, n_kv_head=2)
+    x = ids(1, 9)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], dim=1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 9)], dim=1).long()
+    with torch.no_grad():
+        ref = model(x)
+        out = model(padded, attention_mask=mask)
+        right = model(torch.cat([x, torch.zeros(1, 3, dtype=torch.long)], dim=1),
+                      attention_mask=mask.flip(1))
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[:, 3:], ref, atol=1e-5)
+    assert torch.allclose(right[:, :9], ref, atol=1e-5)
+
+
+# ---- KV cache ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pos", POS)
+def test_kv_cache_decoding_matches_full_forward(pos):
+    model = build(pos_encoding=pos, n_kv_head=2)
+    x = ids(2, 14)
+    with torch.no_grad():
+        full = model(x)
+        cache = model.make_cache(batch_size=2, max_seq=20)
+        steps = [model(x[:, :5], cache=cache, input_pos=torch.arange(5))]  # prefill
+        for t in range(5, 14):  # one token at a time
+            steps.append(model(x[:, t:t + 1], cache=cache, input_pos=torch.tensor([t])))
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope", "alibi"])
+def test_kv_cache_with_left_padding(pos):
+    model = build(pos_encoding=pos)
+    x = ids(2, 10)
+    x[0, :4] = 0
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0  # row 0: 4 pad tokens on the left, row 1: none
+    with torch.no_grad():
+        full = model(x, attention_mask=mask)
+        cache = model.make_cache(batch_size=2, max_seq=16)
+        steps = [model(x[:, :6], attention_mask=mask[:, :6], cache=cache,
+                       input_pos=torch.arange(6))]
+        for t in range(6, 10):
+            steps.append(model(x[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache,
+                               input_pos=torch.tensor([t])))
+        alone = model(x[:1, 4:])  # row 0 without its padding
+    out = torch.cat(steps, dim=1)
+    assert torch.allclose(out[:, 4:], full[:, 4:], atol=1e-5)
+    assert torch.allclose(out[1], full[1], atol=1e-5)
+    assert torch.allclose(out[0, 4:], alone[0], atol=1e-5)
+
+
+def test_cache_shapes_and_errors():
+    model = build(n_kv_head=1)
+    cache = model.make_cache(batch_size=3)
+    assert cache[0].k.shape == (3, 1, 32, 8) and len(cache) == 2
+    with pytest.raises(UserError, match="context_length"):
+        model.make_cache(batch_size=1, max_seq=33)
+    with pytest.raises(UserError, match="input_pos"):
+        model(ids(3, 2), cache=cache)
+    with pytest.raises(UserError, match="crop"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+# ---- loss ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_matches_cross_entropy_and_ignores_padding(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 11, generator=g)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 11, (2, 5), generator=g)
+    targets[1, 2:] = -100
+    total, count = lm_loss_sum(logits, targets)
+    assert total.dtype == torch.float32 and count.item() == 7
+    ref_logits = logits.detach().float().requires_grad_()
+    ref = F.cross_entropy(ref_logits.view(-1, 11), targets.view(-1))  # mean over real ones
+    loss = lm_loss(logits, targets)
+    assert torch.allclose(loss, ref, atol=1e-6)
+    loss.backward()
+    ref.backward()
+    assert logits.grad.dtype == dtype
+    assert torch.allclose(logits.grad.float(), ref_logits.grad, atol=1e-2 if dtype is
+                          torch.bfloat16 else 1e-7)
+    assert logits.grad[1, 2:].abs().max() == 0  # ignored targets get no gradient
+    model = build()
+    x = ids()
+    logits, loss = model(x, x)
+    assert logits.shape == (2, 12, 61) and loss.item() == pytest.approx(math.log(61), rel=0.1)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    model = build()
+    x, y = ids(4, 10), ids(4, 10, seed=2)
+    y[0, 3:] = -100
+    y[3, :8] = -100  # micro-batches with very different numbers of real targets
+    _, loss = model(x, y)
+    loss.backward()
+    big = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    n_tokens = (y != -100).sum()  # counted over the whole global batch first
+    for xb, yb in zip(x.split(1), y.split(1), strict=True):
+        lm_loss(model(xb), yb, num_tokens=n_tokens).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, big[name], atol=1e-7, rtol=1e-5), name
+
+
+def test_loss_goes_down_on_a_fixed_batch():
+    model = build().train()
+    x = ids(4, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bf16_linear_matches_reference():
+    torch.manual_seed(0)
+    lin = Linear(24, 40)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    g = torch.randn(3, 5, 40)
+    grads = []
+    for fn in (lin, lambda t: F.linear(t, lin.weight, lin.bias)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x)
+        y.backward(g)
+        grads.append((y.detach().float(), x.grad.clone(), lin.weight.grad.clone(),
+                      lin.bias.grad.clone()))
+        x.grad = None
+        lin.zero_grad()
+    assert grads[0][0].dtype == torch.float32
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_bf16_autocast_training_step(pos):
+    model = build(pos_encoding=pos, n_kv_head=2)
+    x = ids()
+    with torch.no_grad():
+        ref = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, x)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert (logits.float() - ref).abs().max() < 0.05  # bf16 rounding only
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()
+               for g in grads)
+
+
+# ---- save / load ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu",
+                                             bias=False, tie_embeddings=False, n_kv_head=2)])
+def test_save_and_load_roundtrip(tmp_path, kw):
+    model = build(**kw)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = GPT.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    assert (loaded.lm_head.weight is loaded.tok_emb.weight) == model.config.tie_embeddings
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(UserError, match="config.json not found"):
+        GPT.from_pretrained(tmp_path)
+    build().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not a safetensors file")
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="model.safetensors not found"):
+        GPT.from_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**data, "n_layers": 2}))
+    with pytest.raises(UserError, match="did you mean 'n_layer'"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        GPT.from_pretrained(tmp_path)
