@@ -1,0 +1,177 @@
+"""Greedy generation speed: scratchllm's KV-cache engine vs its cache-less loop vs HF `generate`.
+
+The same random weights for all three (ours imported from a GPT2LMHeadModel built from a config,
+no hub access), fp32, greedy, exactly --new-tokens new tokens from a short prompt (8 tokens), at
+batch 1 and batch 8. Each decode step is timed (the gap between two consecutive tokens, from our
+per-step iterator and from an HF stopping criterion called once per token), and tokens/s is
+batch / median step time: robust to the noise of a shared machine. Time to first token is the
+median of 3 runs of one token. The cache-less loop recomputes the whole sequence every step, so
+its cost grows with length; it runs --nocache-tokens tokens only (its median step is then that
+of a shorter sequence: a generous number for it). Not run by CI.
+
+    python bench/generate.py [--cases baby,gpt2-small] [--batches 1,8] [--new-tokens 500]
+                             [--threads N] [--profile]
+
+The baby GPT gets context_length 512 so that 500 new tokens fit without sliding (HF's GPT-2
+cannot go past n_positions). --profile prints where one decode step of ours spends its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import machine, table  # noqa: E402
+from scratchllm.generate import GenerationConfig  # noqa: E402
+from scratchllm.generate.engine import sample_stream  # noqa: E402
+from scratchllm.model import GPTConfig  # noqa: E402
+from scratchllm.model.convert import from_hf  # noqa: E402
+
+PROMPT_LEN = 8
+CONTEXT = {"baby": 512}  # room for 500 new tokens
+
+
+def models(name: str):
+    """(ours, hf) with the same random weights, both in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPTConfig.preset(name, **({"context_length": CONTEXT[name]} if name in CONTEXT else {}))
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_hidden, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)).eval()
+    hf.generation_config.eos_token_id = None  # never stop early: exactly N tokens
+    hf.generation_config.pad_token_id = 0
+    return from_hf(hf).eval(), hf
+
+
+def ours_steps(model, prompts: list[list[int]], n: int, use_cache: bool) -> tuple[list, list]:
+    """(time to first token, per-step times) of our engine, greedy; also returns the ids."""
+    cfg = GenerationConfig(max_new_tokens=n, temperature=0.0, use_cache=use_cache)
+    out: list = []
+    t0 = time.perf_counter()
+    stamps = [time.perf_counter() for _ in sample_stream(model, prompts, cfg, None, out)]
+    return [stamps[0] - t0, *(b - a for a, b in zip(stamps, stamps[1:], strict=False))], \
+        [c.ids for c in out]
+
+
+def hf_steps(hf, prompts: list[list[int]], n: int) -> tuple[list, list]:
+    """(time to first token, per-step times) of HF generate with its cache, greedy."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stamps: list[float] = []
+
+    class Clock(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # once per new token
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    x = torch.tensor(prompts)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = hf.generate(x, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                          stopping_criteria=StoppingCriteriaList([Clock()]))
+    return [stamps[0] - t0, *(b - a for a, b in zip(stamps, stamps[1:], strict=False))], \
+        out[:, x.shape[1]:].tolist()
+
+
+def run_case(name: str, batch: int, args) -> list[list[object]]:
+    """Table rows for one model at one batch size."""
+    ours, hf = models(name)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, ours.config.vocab_size, (batch, PROMPT_LEN), generator=g).tolist()
+    runs = {
+        "ours, KV cache": lambda n: ours_steps(ours, prompts, n, True),
+        "HF generate, cache": lambda n: hf_steps(hf, prompts, n),
+    }
+    if not (name != "baby" and batch > 1):  # too slow to be worth its minutes
+        runs["ours, no cache"] = lambda n: ours_steps(ours, prompts, n, False)
+    for run in runs.values():  # warm-up
+        run(4)
+    first = {k: statistics.median(run(1)[0][0] for _ in range(3)) for k, run in runs.items()}
+    steps, ids = {}, {}
+    for key, run in runs.items():
+        n = args.nocache_tokens if key == "ours, no cache" else args.new_tokens
+        times, ids[key] = run(n)
+        steps[key] = statistics.median(times[1:])
+    same = ids["ours, KV cache"] == ids["HF generate, cache"]
+    hf_rate = batch / steps["HF generate, cache"]
+    rows = []
+    for key in runs:
+        rate = batch / steps[key]
+        tokens = args.nocache_tokens if key == "ours, no cache" else args.new_tokens
+        rows.append([name, batch, key, tokens, rate, first[key] * 1000, rate / hf_rate])
+    print(f"  {name} batch {batch}: greedy ids identical to HF: {same}", file=sys.stderr)
+    return rows
+
+
+def profile_step(name: str) -> None:
+    """Where one batch-1 decode step of ours spends its time: aten ops by kind, and Python."""
+    from torch.profiler import profile
+
+    ours, _ = models(name)
+    cfg = GenerationConfig(max_new_tokens=200, temperature=0.0)
+    steps = sample_stream(ours, [list(range(1, PROMPT_LEN + 1))], cfg)
+    for _ in range(20):  # warm-up
+        next(steps)
+    t = time.perf_counter()
+    for _ in range(50):
+        next(steps)
+    wall = (time.perf_counter() - t) / 50 * 1e3  # without the profiler's own overhead
+    with profile() as prof:
+        for _ in range(50):
+            next(steps)
+    kinds = {"matmuls (37 linears + lm_head)": ("aten::addmm", "aten::mm"),
+             "attention kernel (sdpa)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                         "aten::_scaled_dot_product_attention_math"),
+             "KV cache writes (index_copy_)": ("aten::index_copy_",)}
+    per = dict.fromkeys(kinds, 0.0)
+    total = 0.0
+    for event in prof.key_averages():
+        total += event.self_cpu_time_total / 50 / 1e3
+        for kind, names in kinds.items():
+            if event.key in names:
+                per[kind] += event.self_cpu_time_total / 50 / 1e3
+    rows = [[k, v] for k, v in per.items()]
+    rows.append(["other aten ops (norms, gelu, adds, mask, views, copies)",
+                 total - sum(per.values())])
+    rows.append(["Python, modules and dispatch (wall - aten)", wall - total])
+    rows.append(["wall time per step (unprofiled)", wall])
+    print(f"\n{name}, batch 1: where one decode step of ours goes (~{PROMPT_LEN + 90} tokens)")
+    print(table(["part", "ms"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default="baby,gpt2-small")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--new-tokens", type=int, default=500)
+    parser.add_argument("--nocache-tokens", type=int, default=100)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--profile", action="store_true", help="also break down one step")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{machine()}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
+          f"greedy, prompt {PROMPT_LEN} tokens\n")
+    rows = []
+    for name in args.cases.split(","):
+        for batch in map(int, args.batches.split(",")):
+            rows += run_case(name, batch, args)
+    print(table(["model", "batch", "engine", "new tokens", "tokens/s", "first token ms",
+                 "vs HF"], rows))
+    if args.profile:
+        profile_step(args.cases.split(",")[0])
+
+
+if __name__ == "__main__":
+    main()
