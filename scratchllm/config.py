@@ -38,7 +38,7 @@ class TrainConfig:
     batch_size: int = 12  # sequences per micro-batch
     batch_tokens: int = 0  # tokens per optimizer step; 0 = one micro-batch; else accumulate
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; float16 on CUDA only)
+    dtype: str = "float32"  # auto | float32 | bfloat16 | float16 (autocast; fp16 CUDA only)
     compile: bool = False
     activation_checkpointing: bool = False
     seed: int = 1337

@@ -242,3 +242,50 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert "divisible" in capsys.readouterr().err
     assert main(["pretrain", "--out", str(tmp_path / "r"), "--train.dtype=float8"]) == 1
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_every_preset_config_loads(tmp_path):
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/*.toml")):
+        config = load_config(path)
+        vocab = 65 if config.data.tokenizer == "char" else config.data.vocab_size
+        with torch.device("meta"):
+            GPT(config.model_config(vocab))
+
+
+def test_continued_pretraining_from_an_hf_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    first = Trainer(tiny_config("--train.max_steps=1"), tmp_path / "a", log=quiet,
+                    progress=False)
+    first.run()
+    vocab = first.tokenizer.vocab_size
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2,
+                                    n_head=2))
+    hf.save_pretrained(tmp_path / "hf")
+    cont = Trainer(tiny_config("--train.max_steps=1", "--optim.lr=0", "--optim.min_lr=0",
+                               f"--train.init_from={tmp_path / 'hf'}",
+                               f"--data.tokenizer={tmp_path / 'a' / 'tokenizer.json'}"),
+                   tmp_path / "b", log=quiet, progress=False)
+    cont.run()
+    saved = load_file(tmp_path / "b" / "checkpoints" / "step-000001" / "model.safetensors")
+    torch.testing.assert_close(saved["blocks.0.attn.q_proj.weight"],
+                               hf.transformer.h[0].attn.c_attn.weight[:, :32].T)
+
+
+def test_pretrain_then_generate_through_the_cli(tmp_path, capsys):
+    from scratchllm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run), "--max-steps", "6", "--save-every", "3",
+                 *TINY, "--eval.sample_tokens=10"]) == 0
+    out = capsys.readouterr().out
+    assert "--- sample at step 6 ---" in out and "scratchllm generate --checkpoint" in out
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "I had",
+                 "--max-new-tokens", "12", "--temperature", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["prompt"] == "I had" and 1 <= result["samples"][0]["new_tokens"] <= 12
+    assert main(["plot", str(run)]) == 0 and (run / "loss.png").is_file()

@@ -36,10 +36,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_dtype(device: torch.device, dtype: str) -> str:
+    """'auto': bfloat16 where the hardware multiplies bf16 natively (CUDA with bf16, CPUs
+    with AMX or AVX512-BF16), else float32 (bf16 would only add conversions there)."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device.type == "cpu":
+        from scratchllm.model.layers import _cpu_has_fast_bf16
+
+        return "bfloat16" if _cpu_has_fast_bf16() else "float32"
+    return "float32"
+
+
 def autocast(device: torch.device, dtype: str):
     """bf16/fp16 autocast for the forward pass, or nothing in float32."""
+    dtype = resolve_dtype(device, dtype)
     if dtype not in DTYPES:
-        raise UserError(f"unknown train.dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown train.dtype {dtype!r}: choose auto or one of "
+                        f"{', '.join(DTYPES)}")
     if dtype == "float32":
         return contextlib.nullcontext()
     if dtype == "float16" and device.type != "cuda":

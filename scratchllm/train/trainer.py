@@ -33,6 +33,7 @@ from scratchllm.train.setup import (
     peak_flops,
     prepare_model,
     resolve_device,
+    resolve_dtype,
     seed_everything,
 )
 
@@ -66,6 +67,7 @@ class Trainer:
         ckpt.remove_partials(run_dir)
         atomic_write_text(run_dir / "config.toml", cfg.to_toml())
         self.device = resolve_device(cfg.train.device)
+        cfg.train.dtype = resolve_dtype(self.device, cfg.train.dtype)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
