@@ -6,7 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RUN := runs/demo
+# Tests and benchmarks read the shared data mirror when it sits beside the clone.
+ifneq ($(wildcard ../shared/data),)
 export SCRATCHLLM_DATA_DIR ?= $(abspath ../shared/data)
+endif
 
 .PHONY: demo test lint install clean
 
@@ -19,13 +22,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test,demo]"
 	touch $(STAMP)
 
+# The main job: tokenizer -> token shards -> a small GPT pretrained on CPU -> samples.
+# Each step is one `scratchllm` command; re-running resumes or skips what is already done.
 demo: $(STAMP)
 	$(BIN)/scratchllm tokenizer train --data shakespeare --vocab-size 4096 --out $(RUN)/tokenizer.json
-	$(BIN)/scratchllm tokenizer stats --tokenizer $(RUN)/tokenizer.json --data shakespeare
 	$(BIN)/scratchllm tokenizer encode --tokenizer $(RUN)/tokenizer.json \
-		--text "To be, or not to be, that is the question." --pieces > $(RUN)/example-ids.txt
-	cat $(RUN)/example-ids.txt
-	$(BIN)/scratchllm tokenizer decode --tokenizer $(RUN)/tokenizer.json < $(RUN)/example-ids.txt
+		--text "To be, or not to be, that is the question." --pieces
+	$(BIN)/scratchllm prepare --data shakespeare --tokenizer $(RUN)/tokenizer.json --out $(RUN)/data
+	$(BIN)/scratchllm pretrain --config configs/shakespeare-bpe-cpu.toml --out $(RUN)/model \
+		--data.shards=$(RUN)/data --resume
+	$(BIN)/scratchllm generate --checkpoint $(RUN)/model --prompt "JULIET:" \
+		--max-new-tokens 120 --temperature 0.8 --top-k 50 --seed 7
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest
