@@ -259,6 +259,44 @@ def test_kv_cache_with_left_padding(pos):
     assert torch.allclose(out[0, 4:], alone[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("pos", POS)
+def test_logits_to_keep_gives_the_last_rows(pos):
+    model = build(pos_encoding=pos)
+    x = ids(2, 10)
+    y = torch.roll(x, -1, dims=1)
+    with torch.no_grad():
+        full, full_loss = model(x, y)
+        last = model(x, logits_to_keep=1)
+        tail, tail_loss = model(x, y, logits_to_keep=3)
+        cache = model.make_cache(batch_size=2, max_seq=16)
+        prefill = model(x, cache=cache, input_pos=torch.arange(10), logits_to_keep=1)
+    assert last.shape == (2, 1, 61) and torch.allclose(last, full[:, -1:], atol=1e-6)
+    assert torch.allclose(prefill, full[:, -1:], atol=1e-5)
+    assert torch.allclose(tail, full[:, -3:], atol=1e-6)
+    assert torch.allclose(tail_loss, F.cross_entropy(full[:, -3:].reshape(-1, 61),
+                                                     y[:, -3:].reshape(-1)), atol=1e-6)
+    assert torch.equal(model(x, logits_to_keep=0), full) and torch.equal(
+        model(x, logits_to_keep=10), full)  # 0 or >= T: every position
+
+
+def test_one_row_linear_tracks_weight_changes():
+    lin = Linear(8, 24)
+    x = torch.randn(1, 1, 8)
+    with torch.no_grad():
+        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-6)
+        lin.weight.mul_(2)  # in place: the cached (in, out) copy must be rebuilt
+        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-6)
+        lin.load_state_dict({"weight": torch.randn(24, 8), "bias": torch.randn(24)})
+        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-6)
+    lin.weight = torch.nn.Parameter(torch.randn(24, 8))  # a new tensor
+    with torch.inference_mode():
+        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-6)
+    assert "_weight_t" not in lin.state_dict() and len(lin.state_dict()) == 2
+    y = lin(x)  # with grad enabled it is plain F.linear, and differentiable
+    y.sum().backward()
+    assert lin.weight.grad is not None
+
+
 def test_cache_shapes_and_errors():
     model = build(n_kv_head=1)
     cache = model.make_cache(batch_size=3)

@@ -112,10 +112,11 @@ class Window:
         T = self.n - self.start
         x = self.tokens[:, self.start:self.n]  # (B, T)
         if self.caches is None:
-            return self.model(x, attention_mask=self._mask(T))[:, -1]
+            return self.model(x, attention_mask=self._mask(T), logits_to_keep=1)[:, -1]
         self._grow(T)
+        # logits_to_keep=1: only the last position's logits are needed, not T rows of them.
         logits = self.model(x, cache=self.caches, input_pos=self.slot_pos[:T],
-                            attention_mask=self._mask(self.slots))
+                            attention_mask=self._mask(self.slots), logits_to_keep=1)
         return logits[:, -1]
 
     def append(self, tokens: Tensor) -> None:

@@ -11,7 +11,13 @@ from torch import Tensor, nn
 
 from scratchllm.model.cache import KVCache
 from scratchllm.model.config import GPTConfig
-from scratchllm.model.layers import Linear, apply_rope, bf16_exact, slow_bf16_cpu
+from scratchllm.model.layers import (
+    Linear,
+    apply_rope,
+    bf16_exact,
+    make_dropout,
+    slow_bf16_cpu,
+)
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
@@ -66,7 +72,7 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.attn_dropout = cfg.attn_dropout
-        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
+        self.resid_dropout = make_dropout(cfg.resid_dropout)
         self.kernel = explicit_attention if cfg.attention == "explicit" else sdpa_attention
 
     def forward(self, x: Tensor, inputs: AttnInputs, cache: KVCache | None = None) -> Tensor:
@@ -82,5 +88,5 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(inputs.input_pos, k, v)  # (B, H_kv, max_seq, hd)
         dropout_p = self.attn_dropout if self.training else 0.0
         y = self.kernel(q, k, v, inputs.mask, dropout_p)  # (B, H, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * hd)
-        return self.resid_dropout(self.o_proj(y))
+        y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C) from (B, T, H * hd)
+        return y if self.resid_dropout is None else self.resid_dropout(y)

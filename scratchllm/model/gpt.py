@@ -18,6 +18,7 @@ from scratchllm.model.config import GPTConfig
 from scratchllm.model.layers import (
     Linear,
     alibi_slopes,
+    make_dropout,
     make_mlp,
     make_norm,
     rope_tables,
@@ -53,7 +54,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.pos_encoding == "learned":
             self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.embd_dropout)
+        self.drop = make_dropout(cfg.embd_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -69,8 +70,11 @@ class GPT(nn.Module):
         cfg, device = self.config, self.tok_emb.weight.device
         n = cfg.context_length
         # Non-persistent: derived from the config, so they never enter state_dict().
-        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()  # [i, j]: j <= i
-        self.register_buffer("causal_mask", causal, persistent=False)
+        # Every mask and position is a row or slice of these tables: a decode step indexes them
+        # instead of building aranges and masks anew.
+        self.register_buffer("arange", torch.arange(n, device=device), persistent=False)
+        causal = torch.full((n, n), float("-inf"), device=device).triu(1)  # [i, j]: 0 if j <= i
+        self.register_buffer("causal_bias", causal, persistent=False)  # additive, fp32
         if cfg.pos_encoding == "sinusoidal":
             self.register_buffer("sin_table", sinusoidal_table(n, cfg.n_embd).to(device),
                                  persistent=False)
@@ -115,12 +119,14 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None, *,
                 attention_mask: Tensor | None = None, positions: Tensor | None = None,
                 cache: nn.ModuleList | None = None, input_pos: Tensor | None = None,
-                ) -> Tensor | tuple[Tensor, Tensor]:
+                logits_to_keep: int = 0) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, T, vocab) for token ids idx (B, T); with targets, (logits, mean loss).
 
         targets are aligned with idx (already shifted; -100 = ignore). attention_mask (B, L),
         1 = real token, 0 = padding; positions then count real tokens only, so left padding works.
         With a cache (make_cache), input_pos (T,) gives the cache slots that idx fills.
+        logits_to_keep > 0 computes logits (and the loss) for the last that many positions only:
+        a prefill that needs the next token's logits skips T - 1 rows of the vocab projection.
         """
         B, T = idx.shape
         inputs, positions = self._attn_inputs(B, T, attention_mask, positions, cache, input_pos)
@@ -129,10 +135,15 @@ class GPT(nn.Module):
             x = x + self.pos_emb(positions)
         elif self.config.pos_encoding == "sinusoidal":
             x = x + self.sin_table[positions]
-        x = self.drop(x)
+        if self.drop is not None:
+            x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, inputs, cache[i] if cache is not None else None)
-        logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
+        if 0 < logits_to_keep < T:
+            x = x[:, -logits_to_keep:]  # (B, k, C)
+            if targets is not None:
+                targets = targets[:, -logits_to_keep:]
+        logits = self.lm_head(self.norm_f(x))  # (B, T|k, vocab)
         if targets is None:
             return logits
         return logits, lm_loss(logits, targets)
@@ -141,30 +152,30 @@ class GPT(nn.Module):
                      positions: Tensor | None, cache: nn.ModuleList | None,
                      input_pos: Tensor | None) -> tuple[AttnInputs, Tensor]:
         """Positions (B|T shaped), rotary angles and the additive mask shared by every layer."""
-        cfg, device = self.config, self.causal_mask.device
+        cfg = self.config
         if cache is not None:
             if input_pos is None or input_pos.shape != (T,):
                 raise UserError(f"with a KV cache pass input_pos, the {T} cache slots of idx")
             S = cache[0].max_seq  # keys span the whole cache: fixed shapes for every step
-            slots = torch.arange(S, device=device)
         else:
             if T > cfg.context_length:
                 raise UserError(f"sequence length {T} exceeds context_length "
                                 f"{cfg.context_length}: crop the input")
-            S, input_pos = T, torch.arange(T, device=device)
-            slots = input_pos
+            S, input_pos = T, self.arange[:T]
+        alibi = cfg.pos_encoding == "alibi"
         keep = None  # (B, S) True = real token
         if attention_mask is not None:
-            keep = attention_mask.to(device=device, dtype=torch.bool)
+            keep = attention_mask.to(device=self.arange.device, dtype=torch.bool)
             if keep.ndim != 2 or keep.shape[0] != B or keep.shape[1] > S:
                 raise UserError(f"attention_mask must be (batch, <= {S}) of 0/1, "
                                 f"got {tuple(attention_mask.shape)}")
             if keep.shape[1] < S:  # slots not written yet: the causal mask hides them anyway
                 keep = torch.cat([keep, keep.new_ones(B, S - keep.shape[1])], dim=1)
         # Position of every slot: real tokens count from 0 in each row (left padding works).
-        slot_pos = slots if keep is None else (keep.long().cumsum(-1) - 1).clamp(min=0)
+        # Without padding slot j holds position j, so a token's position is its slot.
+        slot_pos = self.arange[:S] if keep is None else (keep.long().cumsum(-1) - 1).clamp(min=0)
         if positions is None:
-            positions = slot_pos[..., input_pos]  # (T,) or (B, T)
+            positions = input_pos if keep is None else slot_pos[:, input_pos]  # (T,) or (B, T)
 
         rope = None
         if cfg.pos_encoding == "rope":
@@ -172,13 +183,14 @@ class GPT(nn.Module):
             rope = (cos.unsqueeze(-3), sin.unsqueeze(-3))  # (1|B, 1, T, hd) after broadcasting
 
         mask = None
-        if cache is not None or keep is not None or cfg.pos_encoding == "alibi":
-            allowed = self.causal_mask[input_pos, :S]  # (T, S), from the precomputed buffer
+        if cache is not None or keep is not None or alibi:
+            # Rows input_pos of the precomputed (n, n) causal table, cut to the S key slots.
+            mask = self.causal_bias[:, :S].index_select(0, input_pos).float()  # (T, S) 0 / -inf
             if keep is not None:  # hide padding keys; a padding query still sees itself (no NaN)
-                allowed = allowed & (keep[:, None, :] | (slots == input_pos[:, None]))  # (B, T, S)
-            mask = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+                seen = keep[:, None, :] | (self.arange[:S] == input_pos[:, None])  # (B, T, S)
+                mask = mask.masked_fill(~seen, float("-inf"))
             mask = mask.unsqueeze(-3)  # (B|1, 1, T, S) broadcast over heads
-            if cfg.pos_encoding == "alibi":  # linear penalty on the query-key distance
+            if alibi:  # linear penalty on the query-key distance
                 key_pos = positions if cache is None else slot_pos  # (..., S)
                 dist = key_pos.unsqueeze(-2) - positions.unsqueeze(-1)  # (..., T, S), <= 0 if seen
                 bias = self.alibi_slopes[:, None, None] * dist.unsqueeze(-3).float()

@@ -28,7 +28,9 @@ def _cpu_has_fast_bf16() -> bool:
 
 def slow_bf16_cpu(x: Tensor) -> bool:
     """True when x is (or autocasts to) bf16 on a CPU without native bf16 matmuls."""
-    if x.device.type != "cpu":
+    # Called by every Linear: the common fp32 answer costs two attribute reads and one query
+    # (x.device would build a torch.device object each time).
+    if not x.is_cpu:
         return False
     bf16 = x.dtype == torch.bfloat16 or (
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
@@ -72,16 +74,48 @@ class _Bf16LinearViaFp32(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same names) with a fast bf16 path on CPUs without AMX."""
+    """nn.Linear (same parameters, same names) with fast CPU paths: bf16 without AMX, and
+    one-row (batch-1 decode) products of wide layers."""
 
     def forward(self, x: Tensor) -> Tensor:
         if slow_bf16_cpu(x):
             with torch.autocast("cpu", enabled=False):
                 return _Bf16LinearViaFp32.apply(x, self.weight, self.bias)
+        if x.numel() == self.in_features and self.out_features >= self.in_features \
+                and x.is_cpu and not torch.is_grad_enabled():
+            return self._one_row(x)
         return F.linear(x, self.weight, self.bias)
 
+    def _one_row(self, x: Tensor) -> Tensor:
+        """x @ weight.T for a single row x (..., in_features), read from an (in, out) copy.
 
-# ---- norms and MLPs ------------------------------------------------------------------------
+        A one-row product streams the whole weight from memory, and MKL's GEMV streams an
+        (in, out) matrix (axpy on long rows) about twice as fast as our (out, in) one (dot
+        products of short rows) when out >= in: the up-projection and lm_head of a batch-1
+        decode step. The copy is made on first use and rebuilt whenever the weight changes
+        (another tensor, storage or in-place version), so results are always the current ones.
+        """
+        w = self.weight
+        if w.is_inference():  # no version counter to tell when it changes: no copy
+            return F.linear(x, w, self.bias)
+        key = (w.data_ptr(), w._version, w.dtype)
+        cached = self.__dict__.get("_weight_t")  # (weight, key, copy)
+        if cached is None or cached[0] is not w or cached[1] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = (w, key, w.detach().t().contiguous())  # copy (in, out)
+            self.__dict__["_weight_t"] = cached  # a plain attribute: never in state_dict()
+        x2 = x.reshape(1, -1)  # (1, in)
+        y = x2 @ cached[2] if self.bias is None else torch.addmm(self.bias, x2, cached[2])
+        return y.view(*x.shape[:-1], -1)  # (..., out)
+
+
+# ---- dropout, norms and MLPs ---------------------------------------------------------------
+
+
+def make_dropout(p: float) -> nn.Dropout | None:
+    """nn.Dropout(p), or None for p == 0 so that callers skip a module call that does nothing."""
+    # Dropout holds no parameters: leaving it out never changes state_dict() keys.
+    return nn.Dropout(p) if p > 0 else None
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
@@ -98,10 +132,11 @@ class GeluMLP(nn.Module):
         super().__init__()
         self.up_proj = Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
         self.down_proj = Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.resid_dropout)
+        self.dropout = make_dropout(cfg.resid_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down_proj(F.gelu(self.up_proj(x), approximate="tanh")))
+        y = self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return y if self.dropout is None else self.dropout(y)
 
 
 class SwiGLU(nn.Module):
@@ -112,10 +147,11 @@ class SwiGLU(nn.Module):
         self.gate_proj = Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
         self.up_proj = Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
         self.down_proj = Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.resid_dropout)
+        self.dropout = make_dropout(cfg.resid_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y if self.dropout is None else self.dropout(y)
 
 
 def make_mlp(cfg: GPTConfig) -> nn.Module:

@@ -9,10 +9,13 @@ IGNORE_INDEX = -100  # targets equal to this (padding, prompt tokens) carry no l
 
 
 class _CrossEntropySum(torch.autograd.Function):
-    """sum over real targets of logsumexp(x) - x[target], in fp32, with a one-pass gradient.
+    """sum over real targets of -log_softmax(x)[target], in fp32, with a one-pass gradient.
 
-    Same value as F.cross_entropy(reduction="sum"), but it never materialises log-softmax or
-    a zero-filled (N, V) gradient: backward is softmax(x) - onehot(target), built in place.
+    Same value as F.cross_entropy(reduction="sum"), but it keeps only the logits for backward
+    (no log-softmax, which would add an (N, V) tensor while the caller still holds the logits)
+    and never builds a zero-filled (N, V) gradient: backward is softmax(x) - onehot(target),
+    in one tensor. Both passes are torch's fused, vectorised (log_)softmax kernels: logsumexp
+    plus a broadcast x - lse[:, None] was ~40% slower on CPU.
     """
 
     @staticmethod
@@ -21,16 +24,15 @@ class _CrossEntropySum(torch.autograd.Function):
         x = logits.float()  # (N, V); a no-op for fp32 logits
         valid = targets != ignore_index  # (N,)
         safe = torch.where(valid, targets, 0)
-        lse = torch.logsumexp(x, dim=-1)  # (N,)
-        picked = x.gather(1, safe[:, None]).squeeze(1)  # (N,)
-        ctx.save_for_backward(x, lse, safe, valid)
+        picked = torch.log_softmax(x, dim=-1).gather(1, safe[:, None]).squeeze(1)  # (N,)
+        ctx.save_for_backward(x, safe, valid)
         ctx.logits_dtype = logits.dtype
-        return ((lse - picked) * valid).sum()
+        return -(picked * valid).sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, lse, safe, valid = ctx.saved_tensors
-        g = torch.sub(x, lse[:, None]).exp_()  # softmax, (N, V)
+        x, safe, valid = ctx.saved_tensors
+        g = torch.softmax(x, dim=-1)  # (N, V), a new tensor
         g.scatter_add_(1, safe[:, None], g.new_full((g.shape[0], 1), -1.0))
         g.mul_((grad * valid)[:, None])
         return g.to(ctx.logits_dtype), None, None
