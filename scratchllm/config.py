@@ -192,8 +192,13 @@ def _set(config: RunConfig, section: str, key: str, value: Any, where: str) -> N
     setattr(target, key, _coerce(value, names[key].type, f"{section}.{key}", where))
 
 
+_BOOLS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
 def _coerce(value: Any, annotation: Any, name: str, where: str) -> Any:
     kind = annotation if isinstance(annotation, type) else _resolve(annotation)
+    if kind is bool and isinstance(value, str) and value.lower() in _BOOLS:
+        return _BOOLS[value.lower()]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is str and not isinstance(value, str):
