@@ -143,7 +143,7 @@ def prepare(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | P
         bar = _bar(total_bytes, progress)
         for (text, split, doc_end), ids in _encode_in_order(tok, units, options.threads):
             writers[split].write(ids, tok.eot_id if doc_end else None)
-            bar.update(len(text.encode("utf-8")) if total_bytes else len(text))
+            bar.update(len(text))  # characters: about bytes, without re-encoding the text
         bar.close()
         stats["replaced_bytes"] = source_options.stats["replaced_bytes"]
         if sum(w.tokens for w in writers.values()) == 0:
@@ -259,18 +259,30 @@ class _ShardWriter:
         self.file = open(self.tmp, "wb")
         self.digest = hashlib.sha256()
         self.tokens = self.documents = self.segments = 0
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
 
     def write(self, ids: np.ndarray, eot: int | None) -> None:
         if eot is not None:
             ids = np.append(ids, eot)
             self.documents += 1
         self.segments += 1
-        data = ids.astype(self.dtype, copy=False).tobytes()
-        self.file.write(data)
-        self.digest.update(data)
+        self.pending.append(ids.astype(self.dtype, copy=False))
+        self.pending_tokens += len(ids)
         self.tokens += len(ids)
+        if self.pending_tokens >= 1 << 20:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered ids (one write and one hash update per ~million tokens)."""
+        if self.pending:
+            data = np.concatenate(self.pending).tobytes()
+            self.file.write(data)
+            self.digest.update(data)
+            self.pending, self.pending_tokens = [], 0
 
     def commit(self) -> None:
+        self.flush()
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
