@@ -1,8 +1,10 @@
 """Atomic writes: a crash never leaves a half-written file under the real name."""
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -31,3 +33,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_json_object(file: Path, hint: str) -> dict[str, Any]:
+    """A JSON object from `file`, or a UserError that ends with `hint` (what to do)."""
+    from scratchllm.errors import UserError
+
+    if not file.is_file():
+        raise UserError(f"{file} not found: {hint}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file} is not valid JSON ({e}): {hint}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file} must hold a JSON object: {hint}")
+    return data

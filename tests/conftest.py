@@ -82,3 +82,14 @@ def shared_corpora(data: Path) -> dict[str, str]:
         *sorted((data / "gutenberg-books").glob("pg*.txt")),
     ]
     return {p.name: p.read_text(encoding="utf-8") for p in paths}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes threads spin-wait."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

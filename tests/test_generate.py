@@ -28,14 +28,7 @@ from scratchllm.generate import (
 from scratchllm.model import GPT, GPTConfig
 from scratchllm.tokenizer import CharTokenizer, Tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 POS = ["learned", "sinusoidal", "rope", "alibi", "none"]

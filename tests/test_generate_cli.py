@@ -16,12 +16,7 @@ from scratchllm.tokenizer import CharTokenizer
 TEXT = "the quick brown fox jumps over the lazy dog, héllo wörld ✓\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

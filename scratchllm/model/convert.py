@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from scratchllm.errors import UserError
-from scratchllm.fileio import atomic_write_bytes, atomic_write_text
+from scratchllm.fileio import atomic_write_bytes, atomic_write_text, read_json_object
 from scratchllm.model.config import GPTConfig
 from scratchllm.model.gpt import GPT
 
@@ -28,16 +28,7 @@ GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximat
 
 def _read_config(path: Path) -> dict[str, Any]:
     """The config.json of a saved HF model directory."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"{config_file} not found: point at a Hugging Face model directory")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_file} is not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise UserError(f"{config_file} must hold a JSON object")
-    return config
+    return read_json_object(path / "config.json", "point at a Hugging Face model directory")
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from scratchllm.errors import UserError
-from scratchllm.fileio import atomic_write_bytes, atomic_write_text
+from scratchllm.fileio import atomic_write_bytes, atomic_write_text, read_json_object
 from scratchllm.model.attention import AttnInputs, CausalSelfAttention
 from scratchllm.model.cache import KVCache, make_caches
 from scratchllm.model.config import GPTConfig
@@ -271,14 +270,7 @@ def load_config(path: str | os.PathLike) -> GPTConfig:
     """Read the GPTConfig in `path`/config.json (or a JSON file) with clear errors."""
     path = Path(path)
     file = path / CONFIG_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"{file} not found: point at a directory saved by save_pretrained")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file} is not valid JSON ({e}): re-save the model") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{file} must hold a JSON object of GPTConfig fields")
+    data = read_json_object(file, "point at a directory saved by save_pretrained")
     if "model_type" in data:
         raise UserError(f"{file} is a Hugging Face config: load it with "
                         "scratchllm.model.convert.from_hf")
