@@ -65,7 +65,7 @@ def main() -> None:
 
         t_raw = median_time(lambda: tok.fast.encode_ordinary_batch(texts, num_threads=threads), 3)
         t_ours = median_time(lambda: prepare([str(small)], tok_path, tmp / "out-small",
-                                             PrepareOptions(threads=threads), force=True), 3)
+                                             PrepareOptions(), force=True), 3)
         _, rss_small = run_prepare_process(small, tok_path, tmp / "out-small")
         t_large, rss_large = run_prepare_process(large, tok_path, tmp / "out-large")
 
