@@ -289,3 +289,16 @@ def test_pretrain_then_generate_through_the_cli(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["prompt"] == "I had" and 1 <= result["samples"][0]["new_tokens"] <= 12
     assert main(["plot", str(run)]) == 0 and (run / "loss.png").is_file()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from scratchllm.cli import main
+
+    Trainer(tiny_config("--train.max_steps=2"), tmp_path, log=quiet, progress=False).run()
+    weights = list_checkpoints(tmp_path)[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["pretrain", "--out", str(tmp_path), "--resume", *TINY,
+                 "--train.max_steps=4"]) == 1
+    assert "delete that checkpoint directory" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "I"]) == 1
+    assert capsys.readouterr().err.startswith("error: ")

@@ -112,7 +112,11 @@ class Trainer:
     def _load(self, checkpoint: Path) -> None:
         from safetensors.torch import load_file
 
-        weights = load_file(checkpoint / "model.safetensors", device=str(self.device))
+        try:
+            weights = load_file(checkpoint / "model.safetensors", device=str(self.device))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"{checkpoint}/model.safetensors is unreadable ({e}); delete that "
+                            "checkpoint directory to resume from the one before") from None
         self.model.load_weights(weights)
         state = ckpt.load_training_state(checkpoint, self.optimizer)
         self.loader.load_state_dict(state["loader"])
