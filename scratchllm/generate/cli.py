@@ -127,6 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()  # the stats go to stderr: keep them after the text
         done = results[-1]
         print(f"[{len(done.ids)} tokens, {done.tokens_per_s:.1f} tokens/s, "
               f"first token {done.time_to_first_token_s * 1000:.0f} ms, "
