@@ -1,7 +1,9 @@
 """Helpers shared by the benchmarks: machine description, medians, data mirror, tables."""
 
+import hashlib
 import os
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -47,3 +49,23 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def tiktoken_gpt2(encoder_json: Path, vocab_bpe: Path, cache: Path):
+    """tiktoken's own gpt2 encoding, offline: its download cache is seeded from local files."""
+    import tiktoken
+    from tiktoken_ext import openai_public  # noqa: F401  (registers the URLs we mirror)
+
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    cache.mkdir(parents=True, exist_ok=True)
+    for path in (encoder_json, vocab_bpe):
+        shutil.copy(path, cache / hashlib.sha1((base + path.name).encode()).hexdigest())
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old

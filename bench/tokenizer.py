@@ -6,16 +6,13 @@ encoding throughput (one thread each). Run: python bench/tokenizer.py [--quick]
 """
 
 import argparse
-import hashlib
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import data_dir, machine, median_time, table  # noqa: E402
+from bench.common import data_dir, machine, median_time, table, tiktoken_gpt2  # noqa: E402
 from scratchllm.data import shakespeare_plays  # noqa: E402
 from scratchllm.tokenizer import DEFAULT_SPECIALS, Tokenizer, compression  # noqa: E402
 from scratchllm.tokenizer.pretokenize import resolve_pattern  # noqa: E402
@@ -37,18 +34,6 @@ def hf_train(texts: list[str], vocab_size: int, pattern: str):
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
-
-
-def tiktoken_gpt2(encoder_json: Path, vocab_bpe: Path):
-    """tiktoken's own gpt2 encoding, offline: its download cache is seeded from the mirror."""
-    import tiktoken
-
-    cache = Path(tempfile.mkdtemp(prefix="tiktoken-cache-"))
-    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    for path in (encoder_json, vocab_bpe):
-        shutil.copy(path, cache / hashlib.sha1((base + path.name).encode()).hexdigest())
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
-    return tiktoken.get_encoding("gpt2")
 
 
 def main() -> None:
@@ -96,7 +81,7 @@ def main() -> None:
                   data_dir() / "gpt2-tokenizer" / "vocab.bpe")
     ours_gpt2 = Tokenizer.from_gpt2_files(*gpt2_files)
     ours_4k = Tokenizer.train(plays, 4096)
-    tik = tiktoken_gpt2(*gpt2_files)
+    tik = tiktoken_gpt2(*gpt2_files, Path(tempfile.mkdtemp(prefix="tiktoken-cache-")))
     with tempfile.TemporaryDirectory() as tmp:
         ours_gpt2.export_hf(Path(tmp) / "tokenizer.json")
         from tokenizers import Tokenizer as HFTokenizer

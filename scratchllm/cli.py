@@ -51,12 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_group(commands, name: str, help_text: str):
+    """A command with subcommands (`scratchllm NAME COMMAND`); alone it prints its help."""
+    group = commands.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
+    group.set_defaults(handler=lambda _: group.print_help() or 2)
+    return group.add_subparsers(title=f"{name} commands", metavar="COMMAND")
+
+
 # --- tokenizer ---------------------------------------------------------------------------
 def _add_tokenizer_commands(commands) -> None:
-    tok = commands.add_parser("tokenizer", help="train, use and inspect tokenizers",
-                              description="Train, use and inspect tokenizers.")
-    sub = tok.add_subparsers(title="tokenizer commands", metavar="COMMAND")
-    tok.set_defaults(handler=lambda _: tok.print_help() or 2)
+    sub = _command_group(commands, "tokenizer", "train, use and inspect tokenizers")
 
     p = sub.add_parser("train", help="train a byte-level BPE (or character) tokenizer",
                        description="Train a tokenizer on a corpus and save it as JSON.")
@@ -249,14 +253,12 @@ def _add_data_commands(commands) -> None:
     p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
     p.add_argument("--keep-gutenberg-boilerplate", action="store_true",
                    help="keep Project Gutenberg headers and footers")
-    p.add_argument("--threads", type=int, default=None, help="encoding threads (default: cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="encoding threads (default: cores + 1)")
     p.add_argument("--force", action="store_true", help="re-prepare even if up to date")
     p.set_defaults(handler=cmd_prepare)
 
-    data = commands.add_parser("data", help="list and download the named datasets",
-                               description="The named datasets and their files.")
-    sub = data.add_subparsers(title="data commands", metavar="COMMAND")
-    data.set_defaults(handler=lambda _: data.print_help() or 2)
+    sub = _command_group(commands, "data", "list and download the named datasets")
     p = sub.add_parser("list", help="list the named datasets",
                        description="List the named datasets with their size and license.")
     p.set_defaults(handler=cmd_data_list)

@@ -1,8 +1,6 @@
 """Shared fixtures: the shared data mirror, GPT-2's tokenizer, and tiktoken's offline gpt2."""
 
-import hashlib
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -31,23 +29,9 @@ def gpt2_files(data: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiktoken_gpt2(gpt2_files, tmp_path_factory):
     """tiktoken's own gpt2 encoding, loaded offline by seeding its download cache."""
-    import tiktoken
-    from tiktoken_ext import openai_public  # noqa: F401  (registers the URLs we mirror)
+    from bench.common import tiktoken_gpt2
 
-    cache = tmp_path_factory.mktemp("tiktoken-cache")
-    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    for path in gpt2_files:
-        key = hashlib.sha1((base + path.name).encode()).hexdigest()
-        shutil.copy(path, cache / key)
-    old = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
-    try:
-        return tiktoken.get_encoding("gpt2")
-    finally:
-        if old is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = old
+    return tiktoken_gpt2(*gpt2_files, tmp_path_factory.mktemp("tiktoken-cache"))
 
 
 @pytest.fixture(scope="session")

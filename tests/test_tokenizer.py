@@ -5,7 +5,6 @@ import random
 from collections import Counter
 
 import pytest
-import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -291,7 +290,3 @@ def test_bad_gpt2_files(tmp_path):
         Tokenizer.from_gpt2_files(tmp_path / "e.json", tmp_path / "v.bpe")
     with pytest.raises(UserError, match="does not exist"):
         Tokenizer.from_gpt2_files(tmp_path / "missing.json", tmp_path / "v.bpe")
-
-
-def test_tiktoken_is_a_real_dependency():
-    assert tiktoken.__version__

@@ -21,9 +21,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import regex
-
 from scratchllm.errors import UserError
+from scratchllm.tokenizer.pretokenize import safe_cut
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -31,9 +30,6 @@ COMPRESSED_SUFFIXES = (".gz", ".zst", ".bz2", ".xz")
 # Long documents are cut into segments of about this size: for bounded memory, and so that
 # the train/val split (by segment) can give a one-file corpus a validation part.
 SEGMENT_CHARS = 2_000
-# Places where both built-in patterns always end a chunk, best first: a line break between a
-# non-space and a letter, then a single space between two letters (" word" stays one chunk).
-_SAFE_CUTS = (regex.compile(r"(?<=\S\r?\n)(?=\p{L})"), regex.compile(r"(?<=\p{L})(?= \p{L})"))
 
 
 @dataclass
@@ -226,22 +222,9 @@ def _segments_of(blocks: Iterable[str], origin: str) -> Iterator[Segment]:
 
 def _cut_position(text: str, pos: int) -> int:
     """A safe cut in text[pos + SEGMENT_CHARS : pos + 2 * SEGMENT_CHARS] (hard if none)."""
-    start, end = pos + SEGMENT_CHARS, pos + 2 * SEGMENT_CHARS
-    # The common case without the regex engine: "x\nW" (str.find is much faster than a
-    # lookbehind search; isalpha() is the \p{L} of the patterns).
-    newline = text.find("\n", start - 1, end - 1)
-    while newline != -1:
-        before = text[newline - 1]
-        if before == "\r":
-            before = text[newline - 2]
-        if not before.isspace() and text[newline + 1].isalpha():
-            return newline + 1
-        newline = text.find("\n", newline + 1, end - 1)
-    for pattern in _SAFE_CUTS:
-        match = pattern.search(text, start, end)
-        if match:
-            return match.start()
-    return end  # text with no letters at all: tokens may differ at this cut
+    end = pos + 2 * SEGMENT_CHARS
+    cut = safe_cut(text, pos + SEGMENT_CHARS, end)
+    return end if cut is None else cut  # no letters at all: tokens may differ at a hard cut
 
 
 def _lines(path: Path, options: SourceOptions) -> Iterator[str]:

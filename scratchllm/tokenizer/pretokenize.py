@@ -30,9 +30,29 @@ DEFAULT_PATTERN = "gpt4"
 # Texts above this size are cut into pieces counted on several processes.
 PARALLEL_MIN_CHARS = 2_000_000
 PIECE_CHARS = 1_000_000
-# Both built-in patterns always end a chunk at a single newline between a non-space and a
-# letter ("x\n|W"), so cutting a long text there gives exactly the chunks of the whole text.
-_SAFE_CUT = regex.compile(r"(?<=\S\n)(?=\p{L})")
+# Places where both built-in patterns always end a chunk, best first: a line break between a
+# non-space and a letter ("x\n|W"), then a single space between two letters ("a| b": " b"
+# stays one chunk). Cutting a text there gives exactly the chunks of the whole text.
+_SAFE_CUTS = (regex.compile(r"(?<=\S\r?\n)(?=\p{L})"), regex.compile(r"(?<=\p{L})(?= \p{L})"))
+
+
+def safe_cut(text: str, start: int, end: int) -> int | None:
+    """The first safe cut position in text[start:end] (see _SAFE_CUTS), or None."""
+    # The common case without the regex engine: str.find is much faster than a lookbehind
+    # search, and isalpha() is the patterns' \p{L}.
+    newline = text.find("\n", max(start - 1, 1), end - 1)
+    while newline != -1:
+        before = text[newline - 1]
+        if before == "\r" and newline >= 2:
+            before = text[newline - 2]
+        if not before.isspace() and text[newline + 1].isalpha():
+            return newline + 1
+        newline = text.find("\n", newline + 1, end - 1)
+    for pattern in _SAFE_CUTS:
+        match = pattern.search(text, start, end)
+        if match:
+            return match.start()
+    return None
 
 
 def resolve_pattern(pattern: str) -> str:
@@ -57,14 +77,14 @@ def _count_piece(args: tuple[str, str]) -> Counter:
 
 
 def _pieces(text: str, size: int) -> Iterator[str]:
-    """Cut text into pieces of about `size` chars at safe boundaries (see _SAFE_CUT)."""
+    """Cut text into pieces of about `size` chars at safe boundaries (see safe_cut)."""
     start = 0
     while len(text) - start > size:
-        match = _SAFE_CUT.search(text, start + size)
-        if match is None:
+        cut = safe_cut(text, start + size, len(text))
+        if cut is None:
             break
-        yield text[start : match.start()]
-        start = match.start()
+        yield text[start:cut]
+        start = cut
     yield text[start:]
 
 

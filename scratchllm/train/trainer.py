@@ -9,6 +9,7 @@ import contextlib
 import math
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,8 +292,8 @@ class Trainer:
     @contextlib.contextmanager
     def _signals(self):
         """First Ctrl-C / SIGTERM: finish the step, save, stop. A second Ctrl-C: stop now."""
-        if threading_main() is False:
-            yield
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
             return
 
         def handler(signum, frame):
@@ -308,12 +309,6 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _accumulation(cfg: RunConfig, context_length: int) -> int:
