@@ -297,6 +297,21 @@ def test_one_row_linear_tracks_weight_changes():
     assert lin.weight.grad is not None
 
 
+def test_fused_qkv_decode_step_equals_separate_projections():
+    cfg = GPTConfig.preset("nano", vocab_size=50, context_length=16, n_kv_head=2)  # GQA
+    attn = GPT(cfg).blocks[0].attn
+    x = torch.randn(1, 1, cfg.n_embd)
+    with torch.no_grad():
+        for _ in range(2):  # second round: after an in-place change of one weight
+            q, k, v = attn._project_qkv(x)  # the fused (C, q + k + v) copy
+            assert torch.allclose(q, attn.q_proj(x), atol=1e-6)
+            assert torch.allclose(k, attn.k_proj(x), atol=1e-6)
+            assert torch.allclose(v, attn.v_proj(x), atol=1e-6)
+            assert k.shape[-1] == 2 * cfg.head_dim
+            attn.v_proj.weight.mul_(3)
+    assert not any(key.startswith("_qkv") for key in attn.state_dict())
+
+
 def test_cache_shapes_and_errors():
     model = build(n_kv_head=1)
     cache = model.make_cache(batch_size=3)

@@ -15,8 +15,11 @@ from scratchllm.model.layers import (
     Linear,
     apply_rope,
     bf16_exact,
+    derived_tensor,
     make_dropout,
+    one_row,
     slow_bf16_cpu,
+    transposed_product,
 )
 
 
@@ -77,10 +80,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, inputs: AttnInputs, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
+        q, k, v = self._project_qkv(x)
         # Heads are inferred (-1) so tensor parallelism can shard the projections unchanged.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
         if inputs.rope is not None:
             cos, sin = inputs.rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -90,3 +94,22 @@ class CausalSelfAttention(nn.Module):
         y = self.kernel(q, k, v, inputs.mask, dropout_p)  # (B, H, T, hd)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C) from (B, T, H * hd)
         return y if self.resid_dropout is None else self.resid_dropout(y)
+
+    def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, T, features) of x (B, T, C)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if one_row(x) and not slow_bf16_cpu(x):
+            # A batch-1 decode step: one product with a fused (C, q + k + v) copy of the three
+            # weights instead of three small ones (each small GEMV pays a fixed cost).
+            weights = tuple(p.weight for p in projections)
+            fused = derived_tensor(self, "_qkv_t", weights,
+                                   lambda: torch.cat(weights).detach().t().contiguous())
+            if fused is not None:
+                bias = None
+                if self.q_proj.bias is not None:
+                    biases = tuple(p.bias for p in projections)
+                    bias = derived_tensor(self, "_qkv_bias", biases,
+                                          lambda: torch.cat(biases).detach())
+                qkv = transposed_product(x, fused, bias)
+                return qkv.split([p.out_features for p in projections], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,38 @@ class _Bf16LinearViaFp32(torch.autograd.Function):
         return gx, gw, gb  # autograd casts each to its input's dtype
 
 
+def one_row(x: Tensor) -> bool:
+    """True for a single row (batch-1 decode step) on the CPU without autograd."""
+    return x.is_cpu and x.shape[0] == 1 and x.numel() == x.shape[-1] \
+        and not torch.is_grad_enabled()
+
+
+def derived_tensor(owner: nn.Module, name: str, sources: tuple[Tensor, ...],
+                   build: Callable[[], Tensor]) -> Tensor | None:
+    """build() cached on `owner` until one of `sources` changes; None for inference tensors.
+
+    Keyed on each source's identity, storage and in-place version, so a result is never stale
+    (an optimizer step, load_state_dict or a new Parameter all rebuild it). Kept in a plain
+    attribute: never in state_dict(). Inference tensors have no version counter: None.
+    """
+    if any(t.is_inference() for t in sources):
+        return None
+    key = tuple((id(t), t.data_ptr(), t._version) for t in sources)
+    cached = owner.__dict__.get(name)  # (key, tensor)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            cached = (key, build())
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
+def transposed_product(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., in) @ weight_t (in, out) + bias for a single row x."""
+    x2 = x.reshape(1, -1)  # (1, in)
+    y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)
+    return y.view(*x.shape[:-1], -1)  # (..., out)
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same names) with fast CPU paths: bf16 without AMX, and
     one-row (batch-1 decode) products of wide layers."""
@@ -81,32 +114,16 @@ class Linear(nn.Linear):
         if slow_bf16_cpu(x):
             with torch.autocast("cpu", enabled=False):
                 return _Bf16LinearViaFp32.apply(x, self.weight, self.bias)
-        if x.numel() == self.in_features and self.out_features >= self.in_features \
-                and x.is_cpu and not torch.is_grad_enabled():
-            return self._one_row(x)
+        if self.out_features >= self.in_features and one_row(x):
+            # A one-row product streams the whole weight from memory, and MKL's GEMV streams
+            # an (in, out) matrix (axpy on long rows) about twice as fast as our (out, in) one
+            # (dot products of short rows) when out >= in: the up-projection and lm_head of a
+            # batch-1 decode step. The (in, out) copy is made on first use.
+            w = self.weight
+            weight_t = derived_tensor(self, "_weight_t", (w,), lambda: w.detach().t().contiguous())
+            if weight_t is not None:
+                return transposed_product(x, weight_t, self.bias)
         return F.linear(x, self.weight, self.bias)
-
-    def _one_row(self, x: Tensor) -> Tensor:
-        """x @ weight.T for a single row x (..., in_features), read from an (in, out) copy.
-
-        A one-row product streams the whole weight from memory, and MKL's GEMV streams an
-        (in, out) matrix (axpy on long rows) about twice as fast as our (out, in) one (dot
-        products of short rows) when out >= in: the up-projection and lm_head of a batch-1
-        decode step. The copy is made on first use and rebuilt whenever the weight changes
-        (another tensor, storage or in-place version), so results are always the current ones.
-        """
-        w = self.weight
-        if w.is_inference():  # no version counter to tell when it changes: no copy
-            return F.linear(x, w, self.bias)
-        key = (w.data_ptr(), w._version, w.dtype)
-        cached = self.__dict__.get("_weight_t")  # (weight, key, copy)
-        if cached is None or cached[0] is not w or cached[1] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                cached = (w, key, w.detach().t().contiguous())  # copy (in, out)
-            self.__dict__["_weight_t"] = cached  # a plain attribute: never in state_dict()
-        x2 = x.reshape(1, -1)  # (1, in)
-        y = x2 @ cached[2] if self.bias is None else torch.addmm(self.bias, x2, cached[2])
-        return y.view(*x.shape[:-1], -1)  # (..., out)
 
 
 # ---- dropout, norms and MLPs ---------------------------------------------------------------
