@@ -30,8 +30,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device
                     ) -> torch.optim.AdamW:
-    """AdamW over param_groups; the fused kernel on CUDA, foreach elsewhere."""
-    fused = device.type == "cuda"
+    """AdamW over param_groups; torch's fused kernel on CUDA and CPU, foreach elsewhere."""
+    # On CPU the fused kernel is ~7x faster than foreach (which is slower than the plain loop):
+    # 11 ms vs 75 ms per step for the baby GPT on one core.
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused,
                              foreach=None if fused else True)
