@@ -120,3 +120,13 @@ def test_long_prompts_and_bad_input(checkpoint, capsys, tmp_path):
         run("--checkpoint", str(tmp_path), "--prompt", "a")
     with pytest.raises(UserError, match="prompt-file"):
         run("--checkpoint", path, "--prompt-file", str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_weights_generate_like_the_library(checkpoint, capsys, dtype):
+    path, model, tok = checkpoint
+    out = run_json(checkpoint, "--prompt", "the qu", "--max-new-tokens", "12", "--temperature",
+                   "0", "--ignore-eot", "--dtype", dtype, capsys=capsys)
+    low = GPT.from_pretrained(path).to(getattr(torch, dtype)).eval()
+    ids = generate(low, tok.encode("the qu"), max_new_tokens=12, temperature=0)
+    assert out["samples"][0]["text"] == tok.decode(ids) and out["samples"][0]["new_tokens"] == 12

@@ -53,6 +53,10 @@ def add_generate_command(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--context-policy", choices=("slide", "stop"), default="slide",
                    help="past the context length: slide the window (default) or stop")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps... (default: auto)")
+    p.add_argument("--dtype", default="float32",
+                   choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and KV cache (default float32; auto = bfloat16 on CUDA and on "
+                        "CPUs with native bf16, else float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
     p.set_defaults(handler=cmd_generate)
     return p
@@ -94,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.beams > 1 and args.num_samples > 1:
         raise UserError("beam search is deterministic, so every sample would be the same: "
                         "use --num-samples 1 with --beams")
-    model, tokenizer = load_for_inference(args.checkpoint, _device(args.device))
+    model, tokenizer = load_for_inference(args.checkpoint, _device(args.device), args.dtype)
     prompt = _read_prompt(args)
     ids = tokenizer.encode(prompt, allowed_special="all")
     if not ids:  # an empty prompt starts a new document

@@ -167,12 +167,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer) from a checkpoint or run directory."""
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
+                       dtype: str = "float32"):
+    """(model in eval mode, tokenizer) from a checkpoint or run directory.
+
+    dtype: float32 | bfloat16 | float16 | auto (bf16 where the hardware multiplies it natively:
+    CUDA, CPUs with AMX/AVX512-BF16; else float32) for the weights and the KV cache.
+    """
     from scratchllm.model import GPT
     from scratchllm.tokenizer import load_tokenizer
+    from scratchllm.train.setup import DTYPES, resolve_dtype
 
+    device = torch.device(device)
+    dtype = resolve_dtype(device, dtype)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}")
     checkpoint = find_checkpoint(path)
-    model = GPT.from_pretrained(checkpoint, device=device).eval()
+    model = GPT.from_pretrained(checkpoint, device=device).to(DTYPES[dtype]).eval()
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
     return model, tokenizer
