@@ -1,9 +1,12 @@
 """Training-step benchmark: our trainer's step vs HF GPT2LMHeadModel + torch AdamW.
 
-nanoGPT's baby GPT (6 layers, 6 heads, width 384, context 256, batch 8, char-level
-tinyshakespeare), fp32 and bf16 autocast (and ours with torch.compile). Every setting runs
-in its own process (so peak RSS is its own), rounds interleave ours and HF, and the table
-shows medians of per-step times. Run: python bench/train.py [--steps 15 --rounds 3]
+Default: nanoGPT's baby GPT (6 layers, 6 heads, width 384, context 256, batch 8, char-level
+tinyshakespeare) on the CPU, fp32 and bf16 autocast (and ours with torch.compile). Every
+setting runs in its own process (so peak memory is its own), rounds interleave ours and HF,
+and the table shows medians of per-step times. Run: python bench/train.py [--steps 15
+--rounds 3]. bench/gpu.sh runs it for GPT-2 small on a GPU (--device cuda --preset gpt2-small
+--context 1024 ...; see there). Extra config overrides go after `--`, e.g.
+`-- --data.shards=DIR --data.tokenizer=FILE`.
 """
 
 import argparse
@@ -20,13 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, table  # noqa: E402
 
-BABY = ["--data.source=tinyshakespeare", "--data.tokenizer=char", "--model.preset=baby",
-        "--model.context_length=256", "--train.batch_size=8", "--eval.sample_tokens=0",
+DATA = ["--data.source=tinyshakespeare", "--data.tokenizer=char", "--eval.sample_tokens=0",
         "--optim.lr=1e-3", "--optim.beta2=0.99"]
-PEAK = {"float32": 3.0e11, "bfloat16": 1.2e12}  # this machine's measured matmul peaks
+# Matmul peaks for MFU: the issue's figures for the 2-core AMX dev machine, and the H100 SXM's
+# dense bf16/fp32 (TF32 off) figures from NVIDIA's datasheet.
+PEAK = {"cpu": {"float32": 3.0e11, "bfloat16": 1.2e12},
+        "cuda": {"float32": 6.7e13, "bfloat16": 9.89e14}}
 
 
-def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int) -> dict:
+def overrides(args) -> list[str]:
+    """The config of every setting: model shape, batch, device, then the caller's extras."""
+    return [*DATA, f"--model.preset={args.preset}", f"--model.context_length={args.context}",
+            f"--train.batch_size={args.batch}", f"--train.device={args.device}", *args.extra]
+
+
+def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int,
+           config: list[str]) -> dict:
     """Run warmup + steps training steps in this process; report per-step times."""
     import torch
 
@@ -35,7 +47,7 @@ def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int) -> di
     from scratchllm.train.setup import autocast
 
     tmp = tempfile.mkdtemp()
-    cfg = load_config(None, [*BABY, f"--train.dtype={dtype}", f"--train.compile={compile_}"])
+    cfg = load_config(None, [*config, f"--train.dtype={dtype}", f"--train.compile={compile_}"])
     trainer = Trainer(cfg, tmp, progress=False, log=lambda *_: None)
     trainer._setup()  # data, model, optimizer, loader exactly as `pretrain` builds them
     T, B = cfg.model_config(trainer.tokenizer.vocab_size).context_length, cfg.train.batch_size
@@ -45,21 +57,26 @@ def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int) -> di
         from transformers import GPT2Config, GPT2LMHeadModel
 
         mc = trainer.model_config
+        device = trainer.device
         hf = GPT2LMHeadModel(GPT2Config(
             vocab_size=mc.vocab_size, n_positions=T, n_embd=mc.n_embd, n_layer=mc.n_layer,
-            n_head=mc.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+            n_head=mc.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            attn_implementation="sdpa")).to(device).train()
         del trainer.model, trainer.train_model, trainer.optimizer  # free ours
-        opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-        device = torch.device("cpu")
+        # torch's best AdamW for the device: fused on CUDA; its default (for-loop) on the CPU.
+        opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1,
+                                fused=device.type == "cuda" or None)
 
         def step():
-            x, y = trainer.loader.next_batch()
+            x, _ = trainer.loader.next_batch()
+            x = x.to(device)
             with autocast(device, dtype):
                 out = hf(input_ids=x, labels=x)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            float(out.loss)  # wait for the GPU, as our step does
 
     times = []
     for i in range(warmup + steps):
@@ -69,9 +86,13 @@ def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int) -> di
             times.append(time.perf_counter() - start)
     import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if trainer.device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     flops = trainer.flops_per_token
-    return {"times": times, "tokens": B * T, "rss_mb": rss, "flops_per_token": flops}
+    return {"times": times, "tokens": B * T, "peak_mb": peak_mb, "flops_per_token": flops,
+            "device": trainer.device.type}
 
 
 def _fast_bf16() -> bool:
@@ -86,49 +107,69 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--preset", default="baby", help="model preset (baby, gpt2-small...)")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--settings", help="comma list of IMPL:DTYPE[:compile], e.g. "
+                        "hf:bfloat16,ours:bfloat16:compile (default: fp32 and bf16 each side, "
+                        "plus ours bf16 + compile)")
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "DTYPE", "COMPILE"))
+    parser.add_argument("extra", nargs="*", help="config overrides for every setting (after --)")
     args = parser.parse_args()
     if args.worker:
         impl, dtype, compile_ = args.worker
-        print(json.dumps(worker(impl, dtype, compile_ == "true", args.steps, args.warmup)))
+        print(json.dumps(worker(impl, dtype, compile_ == "true", args.steps, args.warmup,
+                                overrides(args))))
         return
 
     import torch
 
-    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    settings = [("hf", "float32", "false"), ("ours", "float32", "false"),
-                ("hf", "bfloat16", "false"), ("ours", "bfloat16", "false")]
-    if not args.no_compile:
-        settings.append(("ours", "bfloat16", "true"))
+    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+          + (f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
+    if args.settings:
+        settings = [(*s.split(":")[:2], "true" if s.endswith(":compile") else "false")
+                    for s in args.settings.split(",")]
+    else:
+        settings = [("hf", "float32", "false"), ("ours", "float32", "false"),
+                    ("hf", "bfloat16", "false"), ("ours", "bfloat16", "false")]
+        if not args.no_compile:
+            settings.append(("ours", "bfloat16", "true"))
     results: dict[tuple, list] = {s: [] for s in settings}
     rss: dict[tuple, float] = {}
     for _ in range(args.rounds):  # interleaved: every setting once per round
         for s in settings:
             warmup = args.warmup + (5 if s[2] == "true" else 0)  # compile warms up longer
             steps = args.steps
-            if s[:2] == ("hf", "bfloat16") and not _fast_bf16():
+            if args.device == "cpu" and s[:2] == ("hf", "bfloat16") and not _fast_bf16():
                 steps, warmup = min(steps, 3), 1  # torch's bf16 fallback: ~1 s per step
+            shape = ["--device", args.device, "--preset", args.preset, "--context",
+                     str(args.context), "--batch", str(args.batch)]
             out = subprocess.run([sys.executable, __file__, "--worker", *s, "--steps",
-                                  str(steps), "--warmup", str(warmup)],
+                                  str(steps), "--warmup", str(warmup), *shape, "--",
+                                  *args.extra],
                                  capture_output=True, text=True, check=True,
                                  env=os.environ | {"SCRATCHLLM_DATA_DIR": os.environ.get(
                                      "SCRATCHLLM_DATA_DIR", str(Path(__file__).resolve()
                                                                 .parents[2] / "shared/data"))})
             report = json.loads(out.stdout.strip().splitlines()[-1])
             results[s] += [report["tokens"] / t for t in report["times"]]
-            rss[s] = max(rss.get(s, 0.0), report["rss_mb"])
+            rss[s] = max(rss.get(s, 0.0), report["peak_mb"])
             flops = report["flops_per_token"]
     rows = []
+    peaks = PEAK[args.device]
     for s in settings:
         tps = statistics.median(results[s])
-        hf = statistics.median(results[("hf", s[1], "false")])
+        hf_runs = [results[k] for k in settings if k[0] == "hf" and k[1] == s[1]]
+        vs_hf = f"{tps / statistics.median(hf_runs[0]):.2f}x" if hf_runs else "-"
         name = f"{'scratchllm' if s[0] == 'ours' else 'HF GPT2LMHeadModel'} {s[1]}"
         name += " + compile" if s[2] == "true" else ""
-        rows.append([name, f"{tps:,.0f}", f"{tps / hf:.2f}x", f"{flops * tps / PEAK[s[1]]:.1%}",
+        rows.append([name, f"{tps:,.0f}", vs_hf, f"{flops * tps / peaks[s[1]]:.1%}",
                      f"{rss[s]:.0f}"])
-    print(f"baby GPT (10.7M), batch 8 x 256 tokens, {args.rounds} rounds x {args.steps} steps, "
-          "medians")
-    print(table(["setting", "tokens/s", "vs HF same dtype", "MFU", "peak RSS MB"], rows))
+    memory = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"
+    print(f"{args.preset}, batch {args.batch} x {args.context} tokens, {args.device}, "
+          f"{args.rounds} rounds x {args.steps} steps, medians")
+    print(table(["setting", "tokens/s", "vs HF same dtype", "MFU", memory], rows))
 
 
 if __name__ == "__main__":
