@@ -21,6 +21,14 @@ def test_version_and_module_entry_point():
     assert result.stdout.startswith("scratchllm ")
 
 
+def test_the_parser_does_not_import_torch():
+    # Every command starts by building the whole parser; torch's import alone takes seconds.
+    code = "import sys, scratchllm.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False"
+
+
 def all_command_paths(parser, prefix=()):
     for action in parser._subparsers._group_actions if parser._subparsers else []:
         for name, sub in action.choices.items():

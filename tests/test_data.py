@@ -215,6 +215,9 @@ def test_prepare_round_trip_and_meta(tmp_path, tok_path, data):
     assert decode_file(tok, tmp_path / "out" / "train.bin") == expected
     assert [s["source"] for s in meta["sources"]] == ["gutenberg", "the-verdict"]
     assert meta["sources"][1]["files"][0]["sha256"].startswith("b41e41a6")
+    for split in meta["splits"].values():
+        digest = hashlib.sha256((tmp_path / "out" / split["file"]).read_bytes()).hexdigest()
+        assert split["sha256"] == digest
 
 
 def test_prepare_strips_gutenberg_from_local_files(tmp_path, tok_path, data):
@@ -235,6 +238,42 @@ def test_split_is_deterministic_and_spread(tmp_path, tok_path):
     assert a["splits"]["train"]["documents"] + 557 == 5574
     c = prepare(["sms-spam"], tok_path, tmp_path / "c", PrepareOptions(val_docs=10))
     assert c["splits"]["val"]["documents"] == 10
+
+
+def test_segments_go_to_their_split(tmp_path, tok_path, data):
+    path = data / "tinyshakespeare" / "input.txt"
+    prepare([str(path)], tok_path, tmp_path / "o", PrepareOptions(val_fraction=0.3))
+    segments = [normalize_newlines(s.text) for s in iter_segments(str(path))]
+    val = [int((i + 1) * 0.3 + 0.5) > int(i * 0.3 + 0.5) for i in range(len(segments))]
+    tok = Tokenizer.load(tok_path)
+    for split, to_val in (("train", False), ("val", True)):
+        text = "".join(s for s, v in zip(segments, val, strict=True) if v == to_val)
+        end = "<|endoftext|>" if val[-1] == to_val else ""
+        assert decode_file(tok, tmp_path / "o" / f"{split}.bin") == text + end
+
+
+def test_units_encoded_in_one_call_match_one_by_one(tok_path, data):
+    # prepare encodes a group of units in one tiktoken call, with <|endoftext|> between them
+    from scratchllm.data.prepare import _encode_separated
+
+    tok = Tokenizer.load(tok_path)
+    text = (data / "tinyshakespeare" / "input.txt").read_text()[:20_000]
+    texts = [text[i:i + 997] for i in range(0, len(text), 997)] + ["", " x", "a <|pad|> b\n"]
+    for case in (texts, [*texts, "text holding <|endoftext|> itself"]):  # one call; one by one
+        expected = np.array([i for t in case for i in [*tok.encode(t), tok.eot_id]])
+        ids, seps = _encode_separated(tok, case)
+        assert ids.tolist() == expected.tolist()
+        assert seps.tolist() == np.flatnonzero(expected == tok.eot_id).tolist()
+
+
+def test_special_token_text_in_documents_stays_text(tmp_path, tok_path):
+    docs = ["a <|endoftext|> b", "c <|pad|> d", "plain"]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    prepare([str(tmp_path / "d.jsonl")], tok_path, tmp_path / "o", PrepareOptions(val_fraction=0))
+    tok = Tokenizer.load(tok_path)
+    ids = np.fromfile(tmp_path / "o" / "train.bin", dtype=np.uint16)
+    assert (ids == tok.eot_id).sum() == len(docs)
+    assert tok.decode(ids.tolist()) == "".join(d + "<|endoftext|>" for d in docs)
 
 
 def test_single_file_corpus_gets_a_val_split(tmp_path, tok_path):

@@ -10,10 +10,11 @@ The split is by document: document (or long-document segment) number i goes to v
 floor((i + 1) * f + 1/2) > floor(i * f + 1/2), which spreads exactly a fraction f of them
 evenly through the corpus, deterministically, without knowing the total in advance.
 
-Memory stays bounded: segments stream from the sources, are encoded a few at a time on a
-thread pool (tiktoken's Rust core releases the GIL, so threads run in parallel without the
-cost of shipping text and tokens between processes) and appended to temp files that are
-renamed into place at the end, so a crash leaves the previous output intact.
+Memory stays bounded: segments stream from the sources, are encoded in groups of a few
+hundred on a thread pool (one tiktoken call per group; its Rust core releases the GIL, so
+threads run in parallel without the cost of shipping text and tokens between processes) and
+appended to temp files that are renamed into place at the end, so a crash leaves the previous
+output intact.
 """
 
 import hashlib
@@ -42,7 +43,7 @@ from scratchllm.data.sources import (
 )
 from scratchllm.errors import UserError
 from scratchllm.fileio import atomic_write_text
-from scratchllm.tokenizer import BaseTokenizer, load_tokenizer
+from scratchllm.tokenizer import ENDOFTEXT, BaseTokenizer, load_tokenizer
 
 META_FORMAT = "scratchllm-shards"
 META_VERSION = 1
@@ -121,8 +122,9 @@ def prepare(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | P
         raise UserError(f"val fraction must be in [0, 1), got {options.val_fraction}")
     out_dir = Path(out_dir)
     tok = load_tokenizer(tokenizer_path)
+    fingerprint = tok.fingerprint()  # hashes the whole vocabulary: once
     described = describe_sources(sources, options)
-    key_content = {"sources": described, "tokenizer": tok.fingerprint(),
+    key_content = {"sources": described, "tokenizer": fingerprint,
                    "options": options.key_fields(), "pipeline": PIPELINE_VERSION,
                    "segment_chars": SEGMENT_CHARS}
     key = hashlib.sha256(json.dumps(key_content, sort_keys=True).encode()).hexdigest()
@@ -134,7 +136,7 @@ def prepare(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | P
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = dtype_for(tok.vocab_size)
-    writers = {split: _ShardWriter(out_dir / f"{split}.bin", dtype) for split in SPLITS}
+    writers = {split: _ShardWriter(out_dir / f"{split}.bin") for split in SPLITS}
     stats = {"input_chars": 0, "documents": 0, "segments": 0, "empty_dropped": 0,
              "duplicates_dropped": 0, "replaced_bytes": 0}
     source_options = SourceOptions(options.text_field, options.include, options.exclude)
@@ -143,10 +145,13 @@ def prepare(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | P
         total_bytes = sum(f.get("bytes", 0) for d in described for f in d["files"]) or None
         units = _clean_units(iter_all(sources, source_options), options, stats)
         bar = _bar(total_bytes, progress)
-        for (text, split, doc_end), ids in _encode_in_order(tok, units, options.threads):
-            writers[split].write(ids, tok.eot_id if doc_end else None)
-            bar.update(len(text))  # characters: about bytes, without re-encoding the text
+        for group, parts in _encode_in_order(tok, units, options.threads):
+            for split, part in parts.items():
+                writers[split].write(part)
+            bar.update(group.chars)  # characters: about bytes, without re-encoding the text
         bar.close()
+        for writer in writers.values():
+            writer.flush()  # so that the sha256 in the meta covers every token
         stats["replaced_bytes"] = source_options.stats["replaced_bytes"]
         if sum(w.tokens for w in writers.values()) == 0:
             raise UserError(f"the corpus {', '.join(sources)} is empty after cleaning "
@@ -155,7 +160,7 @@ def prepare(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | P
             "format": META_FORMAT, "version": META_VERSION, "key": key,
             "dtype": dtype.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
             "tokenizer": {"path": str(Path(tokenizer_path).resolve()),
-                          "fingerprint": tok.fingerprint(), "type": tok.kind},
+                          "fingerprint": fingerprint, "type": tok.kind},
             "splits": {s: {"file": f"{s}.bin", "tokens": w.tokens, "documents": w.documents,
                            "segments": w.segments, "sha256": w.digest.hexdigest()}
                        for s, w in writers.items()},
@@ -215,50 +220,104 @@ def _split_of(unit: int, options: PrepareOptions) -> str:
     return "val" if int((unit + 1) * f + 0.5) > int(unit * f + 0.5) else "train"
 
 
+@dataclass
+class _Group:
+    """Consecutive units on their way to the encoder: their texts and where each one goes."""
+
+    texts: list[str] = field(default_factory=list)
+    val: list[bool] = field(default_factory=list)  # the unit goes to val
+    ends: list[bool] = field(default_factory=list)  # the unit ends a document
+    chars: int = 0
+
+
+@dataclass
+class _Part:
+    """What one group adds to one split: token ids (<|endoftext|> included) and counts."""
+
+    ids: np.ndarray
+    segments: int
+    documents: int
+
+
+def _groups(units: Iterator[tuple[str, str, bool]], group_chars: int) -> Iterator[_Group]:
+    """Units gathered into groups of at least `group_chars` characters (except the last)."""
+    group = _Group()
+    for text, split, doc_end in units:
+        group.texts.append(text)
+        group.val.append(split == "val")
+        group.ends.append(doc_end)
+        group.chars += len(text)
+        if group.chars >= group_chars:
+            yield group
+            group = _Group()
+    if group.texts:
+        yield group
+
+
 def _encode_in_order(tok: BaseTokenizer, units: Iterator[tuple[str, str, bool]], threads: int,
-                     group_chars: int = 262_144
-                     ) -> Iterator[tuple[tuple[str, str, bool], np.ndarray]]:
-    """Encode units on a thread pool (tiktoken releases the GIL), yielding them in order.
+                     group_chars: int = 262_144) -> Iterator[tuple[_Group, dict[str, _Part]]]:
+    """Encode units on a thread pool (tiktoken releases the GIL), yielding groups in order.
 
-    Units travel in groups of about `group_chars` characters (one task per group keeps the
-    pool's overhead small); at most a few groups per thread are in flight, so memory stays
-    bounded, and reading and cleaning the next units overlaps with encoding.
+    Units travel in groups of about `group_chars` characters; at most a few groups per thread
+    are in flight, so memory stays bounded, and reading and cleaning the next units overlaps
+    with encoding.
     """
-
-    dtype = dtype_for(tok.vocab_size)
-
-    def encode_group(group: list[tuple[str, str, bool]]) -> list[np.ndarray]:
-        return [tok.encode_array(unit[0]).astype(dtype, copy=False) for unit in group]
-
     in_flight: deque = deque()
     with ThreadPoolExecutor(max(threads, 1)) as pool:
         for group in _groups(units, group_chars):
-            in_flight.append((group, pool.submit(encode_group, group)))
+            in_flight.append((group, pool.submit(_encode_group, tok, group)))
             if len(in_flight) >= 4 * threads:
                 done, future = in_flight.popleft()
-                yield from zip(done, future.result(), strict=True)
+                yield done, future.result()
         while in_flight:
             done, future = in_flight.popleft()
-            yield from zip(done, future.result(), strict=True)
+            yield done, future.result()
 
 
-def _groups(units: Iterator[tuple[str, str, bool]], group_chars: int):
-    group, size = [], 0
-    for unit in units:
-        group.append(unit)
-        size += len(unit[0])
-        if size >= group_chars:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
+def _encode_group(tok: BaseTokenizer, group: _Group) -> dict[str, _Part]:
+    """The tokens of a group's units, sorted into their splits, <|endoftext|> after documents."""
+    ids, seps = _encode_separated(tok, group.texts)
+    val, ends = np.array(group.val, dtype=bool), np.array(group.ends, dtype=bool)
+    unit = np.repeat(np.arange(len(seps)), np.diff(seps, prepend=-1))  # each token's unit
+    keep = np.ones(len(ids), dtype=bool)
+    keep[seps[~ends]] = False  # a separator stays only where a document ends
+    dtype = dtype_for(tok.vocab_size)
+    parts = {}
+    for split, chosen in (("train", ~val), ("val", val)):
+        parts[split] = _Part(ids[keep & chosen[unit]].astype(dtype), int(chosen.sum()),
+                             int((ends & chosen).sum()))
+    return parts
+
+
+def _encode_separated(tok: BaseTokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of each text followed by <|endoftext|>, and the positions of those separators.
+
+    Fast path: one tiktoken call on the texts joined by <|endoftext|> as an allowed special
+    token. tiktoken encodes the text between special tokens on its own, so this gives exactly
+    the ids of encoding each text alone, and the worker thread needs the GIL once per group
+    rather than once per unit (per-unit calls left cores idle, waiting for the GIL). It holds
+    only if no text contains the <|endoftext|> string itself; otherwise, text by text.
+    """
+    fast = getattr(tok, "fast", None)  # the BPE tokenizer's tiktoken.Encoding
+    if fast is not None:
+        joined = ENDOFTEXT.join(texts) + ENDOFTEXT
+        if joined.count(ENDOFTEXT) == len(texts):
+            ids = fast.encode_to_numpy(joined, allowed_special={ENDOFTEXT},
+                                       disallowed_special=())
+            seps = np.flatnonzero(ids == tok.eot_id)
+            if len(seps) == len(texts):  # each separator became <|endoftext|>, nothing else did
+                return ids, seps
+    eot = np.array([tok.eot_id], dtype=np.uint32)
+    encoded = [tok.encode_array(text) for text in texts]
+    ids = np.concatenate([part for array in encoded for part in (array, eot)])
+    return ids, np.cumsum([len(array) + 1 for array in encoded]) - 1
 
 
 class _ShardWriter:
     """Appends token ids to a temp file, hashing as it goes; commit renames it into place."""
 
-    def __init__(self, path: Path, dtype: np.dtype):
-        self.path, self.dtype = path, dtype
+    def __init__(self, path: Path):
+        self.path = path
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self.file = open(self.tmp, "wb")
         self.digest = hashlib.sha256()
@@ -266,14 +325,12 @@ class _ShardWriter:
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
 
-    def write(self, ids: np.ndarray, eot: int | None) -> None:
-        self.segments += 1
-        self.pending.append(ids.astype(self.dtype, copy=False))  # already the dtype: no copy
-        if eot is not None:
-            self.pending.append(np.array([eot], dtype=self.dtype))
-            self.documents += 1
-        self.pending_tokens += len(ids) + (eot is not None)
-        self.tokens += len(ids) + (eot is not None)
+    def write(self, part: _Part) -> None:
+        self.pending.append(part.ids)
+        self.segments += part.segments
+        self.documents += part.documents
+        self.tokens += len(part.ids)
+        self.pending_tokens += len(part.ids)
         if self.pending_tokens >= 1 << 20:
             self.flush()
 

@@ -1,8 +1,9 @@
 """Where text comes from: named datasets, files, directories, JSONL/JSON/Parquet, HF datasets.
 
 Every source is read as a stream of `Segment`s: whole documents, except that a long text
-document is cut into segments of about a megabyte at places where the built-in pre-tokenizers
-always end a chunk, so memory stays bounded and the tokens are those of the whole document.
+document is cut into segments of about SEGMENT_CHARS characters at places where the built-in
+pre-tokenizers always end a chunk, so memory stays bounded and the tokens are those of the
+whole document.
 
 Non-UTF-8 input: invalid bytes are replaced with U+FFFD and counted (a warning names the file
 and the count); training on a few bad bytes beats refusing a large corpus. A file with NUL
