@@ -5,7 +5,9 @@ import gzip
 import hashlib
 import http.server
 import json
+import sys
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -201,6 +203,32 @@ def test_offline_without_mirror_says_what_to_do(monkeypatch, tmp_path):
                                DIGEST)
     with pytest.raises(UserError, match="http://127.0.0.1:9/the-verdict.txt.*SCRATCHLLM_DATA_DIR"):
         download(file.url, tmp_path / "cache" / file.path, file.sha256, retries=1)
+
+
+def test_hf_source_streams_the_chosen_split_and_field(tmp_path, tok_path, monkeypatch):
+    # No network here: a stand-in `datasets` module records how it is called.
+    calls = []
+    records = [{"text": "First record.\n", "id": 1}, {"text": "Second one.", "id": 2}]
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        if name == "missing/set":
+            raise FileNotFoundError("Dataset 'missing/set' doesn't exist on the Hub")
+        return iter(records)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    segments = list(iter_segments("hf:org/set:en@validation", SourceOptions()))
+    assert calls == [("org/set", "en", "validation", True)]
+    assert [seg.text for seg in segments] == [r["text"] for r in records]
+    meta = prepare(["hf:org/set"], tok_path, tmp_path / "out", PrepareOptions(val_fraction=0))
+    assert calls[-1] == ("org/set", None, "train", True) and meta["splits"]["train"][
+        "documents"] == 2
+    expected = "".join(r["text"] + "<|endoftext|>" for r in records)
+    assert decode_file(Tokenizer.load(tok_path), tmp_path / "out" / "train.bin") == expected
+    with pytest.raises(UserError, match="record 0: no field 'body'.*--text-field"):
+        list(iter_segments("hf:org/set", SourceOptions(text_field="body")))
+    with pytest.raises(UserError, match="cannot open HF dataset 'missing/set'"):
+        list(iter_segments("hf:missing/set", SourceOptions()))
 
 
 # --- prepare ----------------------------------------------------------------------------------
