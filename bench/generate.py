@@ -130,7 +130,7 @@ def profile_step(name: str) -> None:
     with profile() as prof:
         for _ in range(50):
             next(steps)
-    kinds = {"matmuls (37 linears + lm_head)": ("aten::addmm", "aten::mm"),
+    kinds = {"matmuls (fused qkv, o, MLP, lm_head)": ("aten::addmm", "aten::mm"),
              "attention kernel (sdpa)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                                          "aten::_scaled_dot_product_attention_math"),
              "KV cache writes (index_copy_)": ("aten::index_copy_",)}
