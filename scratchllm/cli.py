@@ -282,9 +282,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                    progress=sys.stderr.isatty())
     splits = meta["splits"]
     state = "up to date" if meta["up_to_date"] else f"prepared in {meta['seconds']:.1f} s"
-    print(f"{args.out}: {state}; train {splits['train']['tokens']:,} tokens "
-          f"({splits['train']['documents']} docs), val {splits['val']['tokens']:,} tokens "
-          f"({splits['val']['documents']} docs), {meta['dtype']}")
+    def counts(split: dict) -> str:  # a long document's pieces may sit in both splits
+        return (f"{split['tokens']:,} tokens ({split['documents']} docs, "
+                f"{split['segments']} segments)")
+
+    print(f"{args.out}: {state}; train {counts(splits['train'])}, val {counts(splits['val'])}, "
+          f"{meta['dtype']}")
 
 
 def cmd_data_list(args: argparse.Namespace) -> None:
