@@ -12,8 +12,9 @@ of a shorter sequence: a generous number for it). Not run by CI.
     python bench/generate.py [--cases baby,gpt2-small] [--batches 1,8] [--new-tokens 500]
                              [--threads N] [--profile]
 
-The baby GPT gets context_length 512 so that 500 new tokens fit without sliding (HF's GPT-2
-cannot go past n_positions). --profile prints where one decode step of ours spends its time.
+The baby GPT is nanoGPT's character-level one (65 ids, 10.7M parameters) with context_length
+512, so that 500 new tokens fit without sliding (HF's GPT-2 cannot go past n_positions).
+--profile prints where one decode step of ours spends its time.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ from scratchllm.model import GPTConfig  # noqa: E402
 from scratchllm.model.convert import from_hf  # noqa: E402
 
 PROMPT_LEN = 8
-CONTEXT = {"baby": 512}  # room for 500 new tokens
+# The baby GPT as nanoGPT trains it (10.7M): character-level, 65 ids; context 512 for room
+# for 500 new tokens (HF's GPT-2 cannot go past n_positions).
+OVERRIDES = {"baby": {"context_length": 512, "vocab_size": 65}}
 
 
 def models(name: str):
     """(ours, hf) with the same random weights, both in eval mode."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPTConfig.preset(name, **({"context_length": CONTEXT[name]} if name in CONTEXT else {}))
+    cfg = GPTConfig.preset(name, **OVERRIDES.get(name, {}))
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.n_embd,
