@@ -91,8 +91,7 @@ def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int,
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     flops = trainer.flops_per_token
-    return {"times": times, "tokens": B * T, "peak_mb": peak_mb, "flops_per_token": flops,
-            "device": trainer.device.type}
+    return {"times": times, "tokens": B * T, "peak_mb": peak_mb, "flops_per_token": flops}
 
 
 def _fast_bf16() -> bool:

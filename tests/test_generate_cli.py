@@ -12,6 +12,7 @@ from scratchllm.generate import generate
 from scratchllm.generate.cli import add_generate_command
 from scratchllm.model import GPT, GPTConfig
 from scratchllm.tokenizer import CharTokenizer
+from scratchllm.train.checkpoint import load_for_inference
 
 TEXT = "the quick brown fox jumps over the lazy dog, héllo wörld ✓\n"
 
@@ -127,6 +128,8 @@ def test_low_precision_weights_generate_like_the_library(checkpoint, capsys, dty
     path, model, tok = checkpoint
     out = run_json(checkpoint, "--prompt", "the qu", "--max-new-tokens", "12", "--temperature",
                    "0", "--ignore-eot", "--dtype", dtype, capsys=capsys)
+    loaded, _ = load_for_inference(path, "cpu", dtype)
+    assert all(p.dtype == getattr(torch, dtype) for p in loaded.parameters())
     low = GPT.from_pretrained(path).to(getattr(torch, dtype)).eval()
     ids = generate(low, tok.encode("the qu"), max_new_tokens=12, temperature=0)
     assert out["samples"][0]["text"] == tok.decode(ids) and out["samples"][0]["new_tokens"] == 12

@@ -76,21 +76,21 @@ class _Bf16LinearViaFp32(torch.autograd.Function):
 
 def one_row(x: Tensor) -> bool:
     """True for a single row (batch-1 decode step) on the CPU without autograd."""
-    return x.is_cpu and x.shape[0] == 1 and x.numel() == x.shape[-1] \
-        and not torch.is_grad_enabled()
+    return x.is_cpu and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
 
 
 def derived_tensor(owner: nn.Module, name: str, sources: tuple[Tensor, ...],
                    build: Callable[[], Tensor]) -> Tensor | None:
     """build() cached on `owner` until one of `sources` changes; None for inference tensors.
 
-    Keyed on each source's identity, storage and in-place version, so a result is never stale
-    (an optimizer step, load_state_dict or a new Parameter all rebuild it). Kept in a plain
-    attribute: never in state_dict(). Inference tensors have no version counter: None.
+    Keyed on each source's identity, storage, in-place version and dtype, so a result is never
+    stale (an optimizer step, load_state_dict, `.to(dtype)` or a new Parameter rebuild it).
+    Kept in a plain attribute: never in state_dict(). Inference tensors have no version
+    counter: None.
     """
     if any(t.is_inference() for t in sources):
         return None
-    key = tuple((id(t), t.data_ptr(), t._version) for t in sources)
+    key = tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in sources)
     cached = owner.__dict__.get(name)  # (key, tensor)
     if cached is None or cached[0] != key:
         with torch.inference_mode(False), torch.no_grad():
