@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scratchllm.model import GPT, GPTConfig, flops_per_token  # noqa: E402
 from scratchllm.model.convert import from_hf  # noqa: E402
-from scratchllm.model.layers import _cpu_has_fast_bf16  # noqa: E402
+from scratchllm.runtime import cpu_has_native_bf16  # noqa: E402
 
 
 def _libc():
@@ -181,7 +181,7 @@ def main() -> None:
     for name in cases:
         memory_case(rows[name], *setups[name])
 
-    native = "yes" if _cpu_has_fast_bf16() else "no (bf16 GEMMs run as exact fp32 GEMMs)"
+    native = "yes" if cpu_has_native_bf16() else "no (bf16 GEMMs run as exact fp32 GEMMs)"
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}, native bf16 matmul: {native}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "

@@ -41,10 +41,10 @@ def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int,
            config: list[str]) -> dict:
     """Run warmup + steps training steps in this process; report per-step times."""
     import torch
+    from scratchllm.train.setup import autocast
 
     from scratchllm.config import load_config
     from scratchllm.train import Trainer
-    from scratchllm.train.setup import autocast
 
     tmp = tempfile.mkdtemp()
     cfg = load_config(None, [*config, f"--train.dtype={dtype}", f"--train.compile={compile_}"])
@@ -95,9 +95,9 @@ def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int,
 
 
 def _fast_bf16() -> bool:
-    from scratchllm.model.layers import _cpu_has_fast_bf16
+    from scratchllm.runtime import cpu_has_native_bf16
 
-    return _cpu_has_fast_bf16()
+    return cpu_has_native_bf16()
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
-"""Run configs: dataclass sections, TOML files, and `--section.key=value` overrides.
+"""Configs for any recipe: dataclass sections, TOML files, and `--section.key=value` overrides.
 
-A pretraining config has the sections [data], [model], [train], [optim], [eval] and
-[checkpoint]. [model] takes a `preset` (see scratchllm.model.PRESETS) plus any GPTConfig
-field; its vocab_size comes from the tokenizer. Unknown keys are errors naming the nearest one.
+A recipe's config is a dataclass (subclassing `Sections`) whose fields are its sections: each
+a dataclass of typed keys, or a dict whose allowed keys are listed in the field's metadata
+(`field(metadata={"keys": [...]})`, e.g. [model], which takes any GPTConfig field). The same
+loader serves every recipe: unknown sections and keys are errors naming the nearest one, values
+are coerced to the annotated type, and each section's `check()` (if it has one) validates it.
 """
 
 import dataclasses
@@ -10,102 +12,21 @@ import difflib
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from scratchllm.errors import UserError
-from scratchllm.model import GPTConfig
+
+C = TypeVar("C")
 
 
-@dataclass
-class DataConfig:
-    """What to train on and how to tokenize it."""
-
-    source: str = "shakespeare"  # any `scratchllm prepare` source
-    tokenizer: str = "bpe"  # "bpe" or "char" (trained on source), or a tokenizer JSON path
-    vocab_size: int = 4096  # for tokenizer = "bpe"
-    shards: str = ""  # an already-prepared directory; default RUN_DIR/data
-    val_fraction: float = 0.1
-    loader: str = "random"  # random (nanoGPT-style windows) | sequential (epochs)
-
-
-@dataclass
-class TrainConfig:
-    """The training loop."""
-
-    max_steps: int = 2000  # the run's total length; the LR schedule's horizon
-    batch_size: int = 12  # sequences per micro-batch
-    batch_tokens: int = 0  # tokens per optimizer step; 0 = one micro-batch; else accumulate
-    grad_clip: float = 1.0  # global-norm clipping; 0 = off
-    dtype: str = "float32"  # auto | float32 | bfloat16 | float16 (autocast; fp16 CUDA only)
-    compile: bool = False
-    activation_checkpointing: bool = False
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    threads: int = 0  # CPU threads for torch; 0 = torch's default
-    nan_policy: str = "stop"  # stop | skip (a non-finite loss skips that step)
-    log_every: int = 10
-    init_from: str = ""  # a scratchllm checkpoint or HF model directory to start from
-    peak_flops: float = 0.0  # hardware peak FLOP/s for MFU; 0 = a guess for the device
-
-
-@dataclass
-class OptimConfig:
-    """AdamW and the learning-rate schedule."""
-
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1  # on matrices only (not norms, biases or embeddings)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay)
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to min_lr
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation and samples during training."""
-
-    every: int = 250  # steps between evaluations (and at the end); 0 = only at the end
-    batches: int = 20  # val batches per evaluation
-    prompt: str = "\n"
-    sample_tokens: int = 200  # 0 = no sample
-    temperature: float = 0.8
-    top_k: int = 0  # 0 = off
-
-
-@dataclass
-class CheckpointConfig:
-    """Checkpointing."""
-
-    every: int = 500  # steps between checkpoints (and always at the end or on interrupt)
-    keep_last: int = 2
-    keep_best: bool = True  # also keep the checkpoint with the best val loss
-
-
-@dataclass
-class RunConfig:
-    """A whole pretraining run."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "nano"})
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-
-    def model_config(self, vocab_size: int) -> GPTConfig:
-        """The GPTConfig of [model] with the tokenizer's vocab_size."""
-        spec = dict(self.model)
-        preset = spec.pop("preset", None)
-        spec["vocab_size"] = vocab_size
-        return GPTConfig.preset(preset, **spec) if preset else GPTConfig.from_dict(spec)
+class Sections:
+    """Base of a recipe config: to_dict() and to_toml() of all its sections."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     def to_toml(self) -> str:
         """The resolved config as TOML (what the run directory keeps)."""
@@ -116,10 +37,6 @@ class RunConfig:
                       if value is not None]
             lines.append("")
         return "\n".join(lines)
-
-
-SECTIONS = {f.name: f for f in fields(RunConfig)}
-MODEL_KEYS = ["preset", *(f.name for f in fields(GPTConfig))]
 
 
 def _toml_value(value: Any) -> str:
@@ -137,8 +54,8 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a TOML config (or the defaults when path is None) and apply overrides."""
+def load_config(path: str | Path | None, overrides: Sequence[str], schema: type[C]) -> C:
+    """Read a TOML config into `schema` (its defaults when path is None), apply overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -148,16 +65,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path} is not valid TOML: {e}") from None
-    config = RunConfig()
+    config = schema()
+    sections = {f.name: f for f in fields(schema)}
     for section, values in data.items():
         if not isinstance(values, dict):
             raise UserError(f"{path}: top-level key {section!r} must be a [section]"
-                            f"{_suggest(section, list(SECTIONS))}")
+                            f"{_suggest(section, list(sections))}")
         for key, value in values.items():
-            _set(config, section, key, value, f"{path}: ")
+            _set(config, sections, section, key, value, f"{path}: ")
     for override in overrides:
         section, key, value = _parse_override(override)
-        _set(config, section, key, value, "")
+        _set(config, sections, section, key, value, "")
+    for name in sections:
+        check = getattr(getattr(config, name), "check", None)
+        if check is not None:
+            check()
     return config
 
 
@@ -176,16 +98,17 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, key.replace("-", "_"), value
 
 
-def _set(config: RunConfig, section: str, key: str, value: Any, where: str) -> None:
-    if section not in SECTIONS:
+def _set(config: Any, sections: dict, section: str, key: str, value: Any, where: str) -> None:
+    if section not in sections:
         raise UserError(f"{where}unknown config section [{section}]"
-                        f"{_suggest(section, list(SECTIONS))}; sections: {', '.join(SECTIONS)}")
-    if section == "model":
-        if key not in MODEL_KEYS:
-            raise UserError(f"{where}unknown key model.{key}{_suggest(key, MODEL_KEYS)}")
-        config.model[key] = value
-        return
+                        f"{_suggest(section, list(sections))}; sections: {', '.join(sections)}")
     target = getattr(config, section)
+    if isinstance(target, dict):  # a free-form section: its keys are listed in the metadata
+        allowed = list(sections[section].metadata.get("keys", ()))
+        if key not in allowed:
+            raise UserError(f"{where}unknown key {section}.{key}{_suggest(key, allowed)}")
+        target[key] = value
+        return
     names = {f.name: f for f in fields(target)}
     if key not in names:
         raise UserError(f"{where}unknown key {section}.{key}{_suggest(key, list(names))}")

@@ -22,7 +22,8 @@ from scratchllm.data.loader import (
     load_tokens,
     text_dataloader,
 )
-from scratchllm.data.prepare import PrepareOptions, check_shards, prepare, read_meta
+from scratchllm.data.prepare import PrepareOptions, prepare
+from scratchllm.data.shards import check_shards, read_meta
 from scratchllm.data.sources import SourceOptions, iter_segments, texts_from_source
 from scratchllm.errors import UserError
 from scratchllm.tokenizer import Tokenizer
@@ -352,7 +353,7 @@ def test_dedup_and_empty_documents(tmp_path, tok_path):
 
 
 def test_uint32_for_large_vocabularies(tmp_path, gpt2_tok):
-    from scratchllm.data.prepare import dtype_for
+    from scratchllm.data.shards import dtype_for
 
     assert dtype_for(gpt2_tok.vocab_size) == np.uint16 and dtype_for(70_000) == np.uint32
 

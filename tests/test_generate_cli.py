@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
+from scratchllm.checkpoint import load_for_inference
+from scratchllm.cli.generate import register as add_generate_command
 from scratchllm.errors import UserError
 from scratchllm.generate import generate
-from scratchllm.generate.cli import add_generate_command
 from scratchllm.model import GPT, GPTConfig
 from scratchllm.tokenizer import CharTokenizer
-from scratchllm.train.checkpoint import load_for_inference
 
 TEXT = "the quick brown fox jumps over the lazy dog, héllo wörld ✓\n"
 

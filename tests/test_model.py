@@ -165,8 +165,8 @@ def test_attention_kernels_agree(n_kv):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 7, 8, generator=g)
     k, v = torch.randn(2, n_kv, 7, 8, generator=g), torch.randn(2, n_kv, 7, 8, generator=g)
-    ref = explicit_attention(q, k, v)
-    assert torch.allclose(sdpa_attention(q, k, v), ref, atol=1e-6)
+    ref = explicit_attention(q, k, v, causal=True)
+    assert torch.allclose(sdpa_attention(q, k, v, causal=True), ref, atol=1e-6)
     # Against a from-the-definition loop for the first head, last query.
     kk = k.repeat_interleave(4 // n_kv, dim=1)
     w = torch.softmax(q[0, 0, -1] @ kk[0, 0].T / math.sqrt(8), dim=-1)
@@ -174,8 +174,30 @@ def test_attention_kernels_agree(n_kv):
     assert torch.allclose(ref[0, 0, -1], w @ vv[0, 0], atol=1e-6)
     mask = torch.zeros(2, 1, 7, 7).masked_fill(torch.rand(2, 1, 7, 7, generator=g) < 0.3, -math.inf)
     mask[..., 0] = 0.0
-    assert torch.allclose(sdpa_attention(q, k, v, mask), explicit_attention(q, k, v, mask),
-                          atol=1e-6)
+    assert torch.allclose(sdpa_attention(q, k, v, mask, causal=False),
+                          explicit_attention(q, k, v, mask, causal=False), atol=1e-6)
+
+
+def test_attention_masks_causal_flag_and_cross_attention():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 5, 4, generator=g) for _ in range(3))
+    keep = torch.rand(2, 1, 5, 5, generator=g) > 0.3
+    keep[..., 0] = True  # every query sees at least one key
+    additive = torch.zeros(keep.shape).masked_fill(~keep, -math.inf)
+    causal_keep = keep & torch.ones(5, 5, dtype=torch.bool).tril()
+    for kernel in (explicit_attention, sdpa_attention):
+        # a boolean mask means the same as its additive form; causal=True adds the triangle
+        bool_out = kernel(q, k, v, keep, causal=True)
+        torch.testing.assert_close(bool_out, kernel(q, k, v, additive, causal=True))
+        torch.testing.assert_close(bool_out, kernel(q, k, v, causal_keep, causal=False))
+        # cross-attention: 5 queries over 3 keys, no causality: every key counts, from the
+        # definition
+        kc, vc = k[:, :, :3], v[:, :, :3]
+        w = torch.softmax(q @ kc.transpose(-2, -1) / 2.0, dim=-1)
+        torch.testing.assert_close(kernel(q, kc, vc, causal=False), w @ vc)
+    # a causal query block at the end of a longer key sequence (a cached prefix)
+    torch.testing.assert_close(sdpa_attention(q[:, :, -2:], k, v, causal=True),
+                               explicit_attention(q, k, v, causal=True)[:, :, -2:])
 
 
 @pytest.mark.parametrize("pos", POS)
@@ -310,6 +332,36 @@ def test_fused_qkv_decode_step_equals_separate_projections():
             assert k.shape[-1] == 2 * cfg.head_dim
             attn.v_proj.weight.mul_(3)
     assert not any(key.startswith("_qkv") for key in attn.state_dict())
+
+
+class ShiftedLinear(torch.nn.Module):
+    """A wrapped projection (as LoRA wraps one): base(x) plus a learned shift."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base, self.calls = base, 0
+        self.shift = torch.nn.Parameter(torch.randn(base.out_features) * 0.5)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.base(x) + self.shift
+
+
+def test_batch1_decode_runs_a_wrapped_projection():
+    model = build(n_kv_head=2)
+    for block in model.blocks:
+        block.attn.q_proj = ShiftedLinear(block.attn.q_proj)
+        block.attn.v_proj = ShiftedLinear(block.attn.v_proj)
+    x = ids(1, 8)
+    with torch.no_grad():
+        full = model(x)
+        cache = model.make_cache(batch_size=1, max_seq=8)
+        steps = [model(x[:, :1], cache=cache, input_pos=torch.tensor([0]))]
+        calls = model.blocks[0].attn.q_proj.calls
+        for t in range(1, 8):  # one-row steps: where the fused q/k/v product would apply
+            steps.append(model(x[:, t:t + 1], cache=cache, input_pos=torch.tensor([t])))
+    assert model.blocks[0].attn.q_proj.calls == calls + 7
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_cache_shapes_and_errors():

@@ -290,3 +290,55 @@ def test_bad_gpt2_files(tmp_path):
         Tokenizer.from_gpt2_files(tmp_path / "e.json", tmp_path / "v.bpe")
     with pytest.raises(UserError, match="does not exist"):
         Tokenizer.from_gpt2_files(tmp_path / "missing.json", tmp_path / "v.bpe")
+
+
+# --- structure --------------------------------------------------------------------------------
+def tokenizer_import_graph() -> dict[str, set[str]]:
+    """Module -> the scratchllm.tokenizer modules it imports anywhere (functions included)."""
+    import ast
+    from pathlib import Path
+
+    import scratchllm.tokenizer as package
+
+    root = Path(package.__file__).parent
+    names = {p.stem for p in root.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                parts = node.module.split(".")
+                if parts[:2] == ["scratchllm", "tokenizer"]:
+                    # `from scratchllm.tokenizer import x` runs __init__, which imports all
+                    deps.add(parts[2] if len(parts) > 2 else "__init__")
+                    deps |= {a.name for a in node.names if a.name in names}
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    parts = alias.name.split(".")
+                    if parts[:2] == ["scratchllm", "tokenizer"]:
+                        deps.add(parts[2] if len(parts) > 2 else "__init__")
+        graph[path.stem] = deps - {path.stem}
+    return graph
+
+
+def test_tokenizer_modules_import_no_cycle():
+    graph = tokenizer_import_graph()
+    assert "bpe" in graph["load"] and "char" in graph["load"]
+    assert not graph["base"] & {"bpe", "char", "load", "__init__"}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for dep in graph.get(start, ()):
+            if dep == target or (dep not in seen and reaches(dep, target, seen | {dep})):
+                return True
+        return False
+
+    assert [m for m in graph if reaches(m, m, {m})] == []
+
+
+def test_base_load_needs_a_concrete_class(tmp_path):
+    from scratchllm.tokenizer import BaseTokenizer
+
+    CharTokenizer.train(["abc"]).save(tmp_path / "c.json")
+    with pytest.raises(TypeError, match="load_tokenizer"):
+        BaseTokenizer.load(tmp_path / "c.json")
+    assert isinstance(CharTokenizer.load(tmp_path / "c.json"), CharTokenizer)

@@ -11,14 +11,15 @@ import time
 import pytest
 import torch
 
-from scratchllm.config import OptimConfig, load_config
+from scratchllm.checkpoint import list_checkpoints, load_for_inference
+from scratchllm.config import load_config
 from scratchllm.errors import UserError
 from scratchllm.model import GPT, GPTConfig, lm_loss_sum
-from scratchllm.train import Trainer
-from scratchllm.train import trainer as trainer_module
-from scratchllm.train.checkpoint import list_checkpoints, load_for_inference
+from scratchllm.train import PretrainConfig, pretrainer
+from scratchllm.train import pretrain as pretrain_module
+from scratchllm.train.config import OptimConfig
 from scratchllm.train.optim import lr_at, param_groups
-from scratchllm.train.setup import prepare_model
+from scratchllm.train.wrap import prepare_model
 
 TINY = [
     "--data.source=the-verdict", "--data.tokenizer=char", "--model.context_length=32",
@@ -35,7 +36,7 @@ def mirror(monkeypatch, data):
 
 
 def tiny_config(*extra: str):
-    return load_config(None, [*TINY, *extra])
+    return load_config(None, [*TINY, *extra], PretrainConfig)
 
 
 def losses(run_dir):
@@ -118,7 +119,8 @@ def test_activation_checkpointing_keeps_names_and_gradients():
     cfg = GPTConfig.preset("nano", n_layer=2, vocab_size=40, context_length=16)
     plain, wrapped = GPT(cfg), GPT(cfg)
     wrapped.load_state_dict(plain.state_dict())
-    prepare_model(wrapped, load_config(None, ["--train.activation_checkpointing=true"]).train)
+    prepare_model(wrapped, load_config(None, ["--train.activation_checkpointing=true"],
+                                    PretrainConfig).train)
     assert list(wrapped.state_dict()) == list(plain.state_dict())
     x = torch.randint(0, 40, (2, 16))
     for m in (plain, wrapped):
@@ -129,15 +131,15 @@ def test_activation_checkpointing_keeps_names_and_gradients():
 
 # --- runs -----------------------------------------------------------------------------------
 def test_exact_resume_matches_an_uninterrupted_run(tmp_path):
-    Trainer(tiny_config("--train.max_steps=8"), tmp_path / "full", log=quiet,
+    pretrainer(tiny_config("--train.max_steps=8"), tmp_path / "full", log=quiet,
             progress=False).run()
-    stopped = Trainer(tiny_config("--train.max_steps=8"), tmp_path / "split", log=quiet,
+    stopped = pretrainer(tiny_config("--train.max_steps=8"), tmp_path / "split", log=quiet,
                       progress=False)
     stopped.step_callbacks.append(lambda t, step: setattr(t, "stop_requested", step == 5))
     result = stopped.run()
     assert result.interrupted and result.step == 5
     assert [p.name for p in list_checkpoints(tmp_path / "split")][-1] == "step-000005"
-    resumed = Trainer(tiny_config("--train.max_steps=8"), tmp_path / "split", resume="auto",
+    resumed = pretrainer(tiny_config("--train.max_steps=8"), tmp_path / "split", resume="auto",
                       log=quiet, progress=False).run()
     assert resumed.step == 8 and not resumed.interrupted
     assert losses(tmp_path / "split") == losses(tmp_path / "full")  # bit for bit
@@ -145,13 +147,13 @@ def test_exact_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_existing_run_needs_resume(tmp_path):
-    Trainer(tiny_config("--train.max_steps=2"), tmp_path, log=quiet, progress=False).run()
+    pretrainer(tiny_config("--train.max_steps=2"), tmp_path, log=quiet, progress=False).run()
     with pytest.raises(UserError, match="pass --resume"):
-        Trainer(tiny_config("--train.max_steps=4"), tmp_path, log=quiet, progress=False).run()
+        pretrainer(tiny_config("--train.max_steps=4"), tmp_path, log=quiet, progress=False).run()
 
 
 def test_checkpoint_is_self_contained(tmp_path):
-    Trainer(tiny_config("--train.max_steps=4"), tmp_path, log=quiet, progress=False).run()
+    pretrainer(tiny_config("--train.max_steps=4"), tmp_path, log=quiet, progress=False).run()
     model, tok = load_for_inference(tmp_path)
     assert tok.kind == "char" and model.config.n_layer == 2
     assert (tmp_path / "loss.png").is_file() and (tmp_path / "config.toml").is_file()
@@ -166,15 +168,15 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
         total, count = lm_loss_sum(logits, targets)
         return (total * math.nan if calls["n"] == 6 else total), count
 
-    monkeypatch.setattr(trainer_module, "lm_loss_sum", poisoned)
+    monkeypatch.setattr(pretrain_module, "lm_loss_sum", poisoned)
     with pytest.raises(UserError, match="loss became nan at step 6.*step-000004"):
-        Trainer(tiny_config("--train.max_steps=8", "--eval.every=0"), tmp_path / "a",
+        pretrainer(tiny_config("--train.max_steps=8", "--eval.every=0"), tmp_path / "a",
                 log=quiet, progress=False).run()
     assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["step-000004"]
 
     calls["n"] = 0
     warnings = []
-    result = Trainer(tiny_config("--train.max_steps=8", "--eval.every=0",
+    result = pretrainer(tiny_config("--train.max_steps=8", "--eval.every=0",
                                  "--train.nan_policy=skip"), tmp_path / "b",
                      log=warnings.append, progress=False).run()
     assert result.step == 8 and any("skipped" in w for w in warnings)
@@ -182,8 +184,9 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 
 SIGKILL_SCRIPT = """
 import os, signal, sys
+from scratchllm import checkpoint
 from scratchllm.config import load_config
-from scratchllm.train import Trainer, checkpoint
+from scratchllm.train import PretrainConfig, pretrainer
 real = checkpoint.atomic_write_bytes
 def dying(path, data):
     real(path, data[: len(data) // 2])  # half a file, then the power goes out
@@ -191,7 +194,7 @@ def dying(path, data):
         os.kill(os.getpid(), signal.SIGKILL)
     real(path, data)
 checkpoint.atomic_write_bytes = dying
-Trainer(load_config(None, sys.argv[2:]), sys.argv[1], progress=False).run()
+pretrainer(load_config(None, sys.argv[2:], PretrainConfig), sys.argv[1], progress=False).run()
 """
 
 
@@ -202,11 +205,13 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     # step 6 was saved as the best by val loss; step 8 died half-written
     assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "step-000006"
-    result = Trainer(load_config(None, args), tmp_path / "run", resume="auto", log=quiet,
-                     progress=False).run()
+    config = load_config(None, args, PretrainConfig)
+    result = pretrainer(config, tmp_path / "run", resume="auto", log=quiet,
+                        progress=False).run()
     assert result.step == 10
     assert not list((tmp_path / "run" / "checkpoints").glob(".partial-*"))
-    Trainer(load_config(None, args), tmp_path / "full", log=quiet, progress=False).run()
+    pretrainer(load_config(None, args, PretrainConfig), tmp_path / "full", log=quiet,
+               progress=False).run()
     assert losses(tmp_path / "run") == losses(tmp_path / "full")
 
 
@@ -248,7 +253,7 @@ def test_every_preset_config_loads(tmp_path):
     from pathlib import Path
 
     for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/*.toml")):
-        config = load_config(path)
+        config = load_config(path, [], PretrainConfig)
         vocab = 65 if config.data.tokenizer == "char" else config.data.vocab_size
         with torch.device("meta"):
             GPT(config.model_config(vocab))
@@ -258,15 +263,15 @@ def test_continued_pretraining_from_an_hf_checkpoint(tmp_path):
     from safetensors.torch import load_file
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    first = Trainer(tiny_config("--train.max_steps=1"), tmp_path / "a", log=quiet,
+    first = pretrainer(tiny_config("--train.max_steps=1"), tmp_path / "a", log=quiet,
                     progress=False)
     first.run()
-    vocab = first.tokenizer.vocab_size
+    vocab = first.recipe.tokenizer.vocab_size
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2,
                                     n_head=2))
     hf.save_pretrained(tmp_path / "hf")
-    cont = Trainer(tiny_config("--train.max_steps=1", "--optim.lr=0", "--optim.min_lr=0",
+    cont = pretrainer(tiny_config("--train.max_steps=1", "--optim.lr=0", "--optim.min_lr=0",
                                f"--train.init_from={tmp_path / 'hf'}",
                                f"--data.tokenizer={tmp_path / 'a' / 'tokenizer.json'}"),
                    tmp_path / "b", log=quiet, progress=False)
@@ -294,7 +299,7 @@ def test_pretrain_then_generate_through_the_cli(tmp_path, capsys):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     from scratchllm.cli import main
 
-    Trainer(tiny_config("--train.max_steps=2"), tmp_path, log=quiet, progress=False).run()
+    pretrainer(tiny_config("--train.max_steps=2"), tmp_path, log=quiet, progress=False).run()
     weights = list_checkpoints(tmp_path)[-1] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert main(["pretrain", "--out", str(tmp_path), "--resume", *TINY,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scratchllm.data.prepare import check_shards
+from scratchllm.data.shards import check_shards
 from scratchllm.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs and targets, each (B, T) int64

@@ -1,10 +1,8 @@
 """`scratchllm prepare`: tokenize sources into flat token shards a trainer streams from.
 
-Output directory:
-    train.bin, val.bin   token ids, one after another (uint16 if the vocabulary fits, else
-                         uint32), documents separated by <|endoftext|>; read with np.memmap
-    meta.json            dtype, token and document counts per split, the tokenizer's
-                         fingerprint, every source file with its sha256, the options
+The output directory is in the shard format of shards.py: train.bin and val.bin (token ids),
+tokenizer.json (a copy of the tokenizer, so the directory can be moved) and meta.json (counts,
+the tokenizer's fingerprint, every source file with its sha256, the options).
 
 The split is by document: document (or long-document segment) number i goes to val when
 floor((i + 1) * f + 1/2) > floor(i * f + 1/2), which spreads exactly a fraction f of them
@@ -33,6 +31,18 @@ import numpy as np
 from scratchllm.data import registry
 from scratchllm.data.clean import Deduplicator, gutenberg_cut, is_gutenberg, normalize_newlines
 from scratchllm.data.download import sha256_file
+from scratchllm.data.shards import (
+    META_FILE,
+    META_FORMAT,
+    META_VERSION,
+    SPLITS,
+    TOKENIZER_FILE,
+    ShardWriter,
+    dtype_for,
+    read_meta,
+    shards_ok,
+    write_meta,
+)
 from scratchllm.data.sources import (
     SEGMENT_CHARS,
     Segment,
@@ -42,14 +52,10 @@ from scratchllm.data.sources import (
     source_files,
 )
 from scratchllm.errors import UserError
-from scratchllm.fileio import atomic_write_text
 from scratchllm.tokenizer import ENDOFTEXT, BaseTokenizer, load_tokenizer
 
-META_FORMAT = "scratchllm-shards"
-META_VERSION = 1
 # Bump when the same inputs would give different shards (cleaning, segmenting, format).
 PIPELINE_VERSION = 2
-SPLITS = ("train", "val")
 
 
 @dataclass
@@ -74,14 +80,21 @@ class PrepareOptions:
         return data
 
 
-def dtype_for(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits, else uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+def _source_options(options: PrepareOptions, out_dir: str | Path | None = None
+                    ) -> SourceOptions:
+    """How prepare reads its sources; never the files it writes itself into out_dir."""
+    skip: frozenset[Path] = frozenset()
+    if out_dir is not None:
+        # An output directory inside a source directory must not read its own JSON files
+        # (meta.json, the tokenizer copy) back as documents on the next run.
+        skip = frozenset((Path(out_dir) / name).resolve() for name in (META_FILE, TOKENIZER_FILE))
+    return SourceOptions(options.text_field, options.include, options.exclude, skip_files=skip)
 
 
-def describe_sources(sources: Sequence[str], options: PrepareOptions) -> list[dict]:
+def describe_sources(sources: Sequence[str], options: PrepareOptions,
+                     source_options: SourceOptions | None = None) -> list[dict]:
     """Each source with the files it reads and their sha256 (what detects changed input)."""
-    source_options = SourceOptions(options.text_field, options.include, options.exclude)
+    source_options = source_options or _source_options(options)
     described = []
     for source in sources:
         if source in registry.DATASETS:
@@ -113,7 +126,7 @@ def describe_sources(sources: Sequence[str], options: PrepareOptions) -> list[di
 def prepare(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | Path,
             options: PrepareOptions | None = None, force: bool = False,
             progress: bool = False) -> dict:
-    """Tokenize sources into out_dir/{train,val}.bin + meta.json; return the meta dict.
+    """Tokenize sources into out_dir/{train,val}.bin + tokenizer.json + meta.json; return meta.
 
     Re-running with the same sources (by content), tokenizer and options does nothing.
     """
@@ -123,23 +136,29 @@ def prepare(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | P
     out_dir = Path(out_dir)
     tok = load_tokenizer(tokenizer_path)
     fingerprint = tok.fingerprint()  # hashes the whole vocabulary: once
-    described = describe_sources(sources, options)
+    source_options = _source_options(options, out_dir)
+    described = describe_sources(sources, options, source_options)
     key_content = {"sources": described, "tokenizer": fingerprint,
                    "options": options.key_fields(), "pipeline": PIPELINE_VERSION,
                    "segment_chars": SEGMENT_CHARS}
     key = hashlib.sha256(json.dumps(key_content, sort_keys=True).encode()).hexdigest()
     existing = read_meta(out_dir, missing_ok=True)
-    if not force and existing is not None and existing.get("key") == key and _shards_ok(
+    if not force and existing is not None and existing.get("key") == key and shards_ok(
             out_dir, existing):
+        if not _tokenizer_copy_ok(out_dir, existing, fingerprint):
+            # Shards from before the copy (meta.json has an absolute path) or a lost copy:
+            # the tokens are right, so only the tokenizer file and meta.json are written.
+            tok.save(out_dir / TOKENIZER_FILE)
+            existing["tokenizer"] = _tokenizer_entry(tok, fingerprint)
+            write_meta(out_dir, existing)
         existing["up_to_date"] = True
         return existing
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = dtype_for(tok.vocab_size)
-    writers = {split: _ShardWriter(out_dir / f"{split}.bin") for split in SPLITS}
+    writers = {split: ShardWriter(out_dir / f"{split}.bin") for split in SPLITS}
     stats = {"input_chars": 0, "documents": 0, "segments": 0, "empty_dropped": 0,
              "duplicates_dropped": 0, "replaced_bytes": 0}
-    source_options = SourceOptions(options.text_field, options.include, options.exclude)
     start = time.perf_counter()
     try:
         total_bytes = sum(f.get("bytes", 0) for d in described for f in d["files"]) or None
@@ -147,7 +166,7 @@ def prepare(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | P
         bar = _bar(total_bytes, progress)
         for group, parts in _encode_in_order(tok, units, options.threads):
             for split, part in parts.items():
-                writers[split].write(part)
+                writers[split].write(part.ids, part.segments, part.documents)
             bar.update(group.chars)  # characters: about bytes, without re-encoding the text
         bar.close()
         for writer in writers.values():
@@ -159,8 +178,7 @@ def prepare(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | P
         meta = {
             "format": META_FORMAT, "version": META_VERSION, "key": key,
             "dtype": dtype.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-            "tokenizer": {"path": str(Path(tokenizer_path).resolve()),
-                          "fingerprint": fingerprint, "type": tok.kind},
+            "tokenizer": _tokenizer_entry(tok, fingerprint),
             "splits": {s: {"file": f"{s}.bin", "tokens": w.tokens, "documents": w.documents,
                            "segments": w.segments, "sha256": w.digest.hexdigest()}
                        for s, w in writers.items()},
@@ -168,16 +186,33 @@ def prepare(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | P
             "seconds": round(time.perf_counter() - start, 3),
         }
         # Remove the old meta first: shards without meta read as "not prepared", never as
-        # a mismatched pair.
-        (out_dir / "meta.json").unlink(missing_ok=True)
+        # a mismatched set. The tokenizer copy, like the shards, is in place before the meta.
+        (out_dir / META_FILE).unlink(missing_ok=True)
         for writer in writers.values():
             writer.commit()
-        atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1) + "\n")
+        tok.save(out_dir / TOKENIZER_FILE)  # atomic
+        write_meta(out_dir, meta)
         meta["up_to_date"] = False
         return meta
     finally:
         for writer in writers.values():
             writer.discard()
+
+
+def _tokenizer_entry(tok: BaseTokenizer, fingerprint: str) -> dict:
+    """meta.json's tokenizer: its copy in the shard directory, by a relative path."""
+    return {"path": TOKENIZER_FILE, "fingerprint": fingerprint, "type": tok.kind}
+
+
+def _tokenizer_copy_ok(out_dir: Path, meta: dict, fingerprint: str) -> bool:
+    """Whether meta.json names the directory's own tokenizer copy and that copy is intact."""
+    entry = meta.get("tokenizer")
+    if not isinstance(entry, dict) or entry.get("path") != TOKENIZER_FILE:
+        return False
+    try:
+        return load_tokenizer(out_dir / TOKENIZER_FILE).fingerprint() == fingerprint
+    except UserError:
+        return False
 
 
 def _clean_units(segments: Iterator[Segment], options: PrepareOptions, stats: dict
@@ -311,88 +346,6 @@ def _encode_separated(tok: BaseTokenizer, texts: list[str]) -> tuple[np.ndarray,
     encoded = [tok.encode_array(text) for text in texts]
     ids = np.concatenate([part for array in encoded for part in (array, eot)])
     return ids, np.cumsum([len(array) + 1 for array in encoded]) - 1
-
-
-class _ShardWriter:
-    """Appends token ids to a temp file, hashing as it goes; commit renames it into place."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        self.file = open(self.tmp, "wb")
-        self.digest = hashlib.sha256()
-        self.tokens = self.documents = self.segments = 0
-        self.pending: list[np.ndarray] = []
-        self.pending_tokens = 0
-
-    def write(self, part: _Part) -> None:
-        self.pending.append(part.ids)
-        self.segments += part.segments
-        self.documents += part.documents
-        self.tokens += len(part.ids)
-        self.pending_tokens += len(part.ids)
-        if self.pending_tokens >= 1 << 20:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the buffered ids (one write and one hash update per ~million tokens)."""
-        if self.pending:
-            data = np.concatenate(self.pending).tobytes()
-            self.file.write(data)
-            self.digest.update(data)
-            self.pending, self.pending_tokens = [], 0
-
-    def commit(self) -> None:
-        self.flush()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        if not self.file.closed:
-            self.file.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def read_meta(out_dir: str | Path, missing_ok: bool = False) -> dict | None:
-    """Read DIR/meta.json; a UserError if it is missing (unless missing_ok) or not ours."""
-    path = Path(out_dir) / "meta.json"
-    if not path.is_file():
-        if missing_ok:
-            return None
-        raise UserError(f"{path} does not exist: run `scratchllm prepare --out {out_dir}` first")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is corrupt; re-run `scratchllm prepare --force`") from None
-    if meta.get("format") != META_FORMAT or meta.get("version") != META_VERSION:
-        raise UserError(f"{path} is not scratchllm shard metadata version {META_VERSION}; "
-                        "re-run `scratchllm prepare --force`")
-    return meta
-
-
-def _shards_ok(out_dir: Path, meta: dict) -> bool:
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in meta["splits"].values():
-        path = out_dir / split["file"]
-        if not path.is_file() or path.stat().st_size != split["tokens"] * itemsize:
-            return False
-    return True
-
-
-def check_shards(out_dir: str | Path, tokenizer: BaseTokenizer | None = None) -> dict:
-    """Read meta.json and check the shards match it (and the tokenizer, if given)."""
-    out_dir = Path(out_dir)
-    meta = read_meta(out_dir)
-    if not _shards_ok(out_dir, meta):
-        raise UserError(f"the shards in {out_dir} do not match meta.json (a file is missing "
-                        "or has the wrong size); re-run `scratchllm prepare --force`")
-    if tokenizer is not None and tokenizer.fingerprint() != meta["tokenizer"]["fingerprint"]:
-        raise UserError(f"the shards in {out_dir} were made with a different tokenizer "
-                        f"({meta['tokenizer']['path']}); re-run `scratchllm prepare` with this "
-                        "tokenizer")
-    return meta
 
 
 def _bar(total: int | None, enabled: bool):

@@ -50,6 +50,8 @@ class SourceOptions:
     include: Sequence[str] = ()
     exclude: Sequence[str] = ()
     stats: dict[str, int] = field(default_factory=lambda: {"replaced_bytes": 0})
+    # Resolved paths a directory listing never yields (prepare's own output files).
+    skip_files: frozenset[Path] = frozenset()
 
 
 def iter_segments(source: str, options: SourceOptions | None = None) -> Iterator[Segment]:
@@ -91,8 +93,11 @@ def texts_from_source(source: str, options: SourceOptions | None = None) -> Iter
 
 def source_files(directory: Path, options: SourceOptions) -> Iterator[Path]:
     """Readable files under a directory, recursively, sorted, filtered by the globs."""
+    skip_names = {p.name for p in options.skip_files}  # resolve() only the few that may match
     for path in sorted(directory.rglob("*")):
         if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.name in skip_names and path.resolve() in options.skip_files:
             continue
         rel = path.relative_to(directory).as_posix()
         if base_suffix(path) not in TEXT_SUFFIXES + RECORD_SUFFIXES:

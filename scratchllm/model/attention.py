@@ -11,56 +11,71 @@ from torch import Tensor, nn
 
 from scratchllm.model.cache import KVCache
 from scratchllm.model.config import GPTConfig
-from scratchllm.model.layers import (
-    Linear,
-    apply_rope,
-    bf16_exact,
-    derived_tensor,
-    make_dropout,
-    one_row,
-    slow_bf16_cpu,
-    transposed_product,
-)
+from scratchllm.model.fastpath import fused_qkv, sdpa_via_fp32, slow_bf16_cpu
+from scratchllm.model.layers import Linear, apply_rope, make_dropout
 
 
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
-                       dropout_p: float = 0.0) -> Tensor:
-    """The teaching path: scores, an additive -inf mask, softmax, then weights times values."""
-    # q (B, H, T, hd); k, v (B, H_kv, S, hd); mask (B|1, H|1, T, S) additive, None = causal T == S
+def causal_bias(T: int, S: int, device: torch.device | None = None) -> Tensor:
+    """(T, S) additive mask, 0 where query i may see key j <= i + (S - T), else -inf.
+
+    The T queries are the last T positions of the S keys (a prefix already in the keys).
+    """
+    return torch.full((T, S), float("-inf"), device=device).triu(S - T + 1)
+
+
+def additive(mask: Tensor) -> Tensor:
+    """A boolean mask (True = may attend) as an additive fp32 one (0 / -inf); floats pass."""
+    if mask.dtype != torch.bool:
+        return mask.float()
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *,
+                       causal: bool, dropout_p: float = 0.0) -> Tensor:
+    """The teaching path: scores, an additive mask (-inf hides a key), softmax, weights @ values.
+
+    q (B, H, T, hd); k, v (B, H_kv, S, hd); mask (B|1, H|1, T, S), additive or boolean
+    (True = may attend): padding, packed documents, ALiBi. causal=True also hides every key
+    after the query (the queries being the last T of the S positions).
+    """
     if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves n_head/n_kv_head heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
-    if mask is None:  # position i may look at j <= i: -inf above the diagonal
-        T, S = scores.shape[-2:]
-        mask = torch.full((T, S), float("-inf"), device=q.device).triu(S - T + 1)
-    weights = torch.softmax(scores.float() + mask, dim=-1).to(q.dtype)  # rows sum to 1
+    scores = ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).float()  # (B, H, T, S)
+    if causal:
+        scores = scores + causal_bias(*scores.shape[-2:], device=q.device)
+    if mask is not None:
+        scores = scores + additive(mask)
+    weights = torch.softmax(scores, dim=-1).to(q.dtype)  # rows sum to 1
     if dropout_p > 0.0:
         weights = F.dropout(weights, dropout_p)
     return weights @ v  # (B, H, T, hd)
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
-                   dropout_p: float = 0.0) -> Tensor:
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *,
+                   causal: bool, dropout_p: float = 0.0) -> Tensor:
     """The fast path: torch's fused scaled_dot_product_attention, same inputs and result."""
     gqa = k.shape[1] != q.shape[1]
-    if slow_bf16_cpu(q):  # torch's bf16 kernel is slow there; fp32 on bf16 values is as exact
-        with torch.autocast("cpu", enabled=False):
-            q, k, v = bf16_exact(q), bf16_exact(k), bf16_exact(v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=mask is None, enable_gqa=gqa)
-        return y.to(torch.bfloat16)
-    if mask is not None:
+    # SDPA takes a mask or is_causal, and its is_causal aligns the triangle top-left when
+    # T != S: fold causality into the mask in both cases.
+    if causal and (mask is not None or q.shape[-2] != k.shape[-2]):
+        bias = causal_bias(q.shape[-2], k.shape[-2], device=q.device)
+        mask = bias if mask is None else additive(mask) + bias
+        causal = False
+    if slow_bf16_cpu(q):
+        return sdpa_via_fp32(q, k, v, mask, causal, dropout_p, gqa)
+    if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                          is_causal=mask is None, enable_gqa=gqa)
+                                          is_causal=causal, enable_gqa=gqa)
 
 
 class AttnInputs(NamedTuple):
     """What every layer's attention needs besides x; built once per forward by the model."""
 
     rope: tuple[Tensor, Tensor] | None  # cos, sin, each (B|1, 1, T, head_dim)
-    mask: Tensor | None  # additive float (B|1, H|1, T, S); None = plain causal with S == T
+    mask: Tensor | None  # additive float (B|1, H|1, T, S) or boolean (True = may attend)
+    causal: bool  # the kernel also hides keys after each query (no mask needed for that)
     input_pos: Tensor | None  # (T,) cache slots written by this call; None without a cache
 
 
@@ -91,25 +106,19 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(inputs.input_pos, k, v)  # (B, H_kv, max_seq, hd)
         dropout_p = self.attn_dropout if self.training else 0.0
-        y = self.kernel(q, k, v, inputs.mask, dropout_p)  # (B, H, T, hd)
+        y = self.kernel(q, k, v, inputs.mask, causal=inputs.causal,
+                        dropout_p=dropout_p)  # (B, H, T, hd)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C) from (B, T, H * hd)
         return y if self.resid_dropout is None else self.resid_dropout(y)
 
     def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (B, T, features) of x (B, T, C)."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if one_row(x) and not slow_bf16_cpu(x):
-            # A batch-1 decode step: one product with a fused (C, q + k + v) copy of the three
-            # weights instead of three small ones (each small GEMV pays a fixed cost).
-            weights = tuple(p.weight for p in projections)
-            fused = derived_tensor(self, "_qkv_t", weights,
-                                   lambda: torch.cat(weights).detach().t().contiguous())
-            if fused is not None:
-                bias = None
-                if self.q_proj.bias is not None:
-                    biases = tuple(p.bias for p in projections)
-                    bias = derived_tensor(self, "_qkv_bias", biases,
-                                          lambda: torch.cat(biases).detach())
-                qkv = transposed_product(x, fused, bias)
-                return qkv.split([p.out_features for p in projections], dim=-1)
+        # The fused batch-1 decode product only where each projection is a plain Linear with no
+        # hooks: a wrapped one (LoRA, quantized) must run its own forward.
+        if all(type(p) is Linear and not p._forward_hooks and not p._forward_pre_hooks
+               for p in projections):
+            qkv = fused_qkv(projections, self, x)
+            if qkv is not None:
+                return qkv
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)

@@ -196,7 +196,10 @@ class GPT(nn.Module):
                 mask = mask + bias  # (B|1, H, T, S)
             if mask.ndim == 3:
                 mask = mask[None]
-        return AttnInputs(rope, mask, input_pos if cache is not None else None), positions
+        # Without a mask the kernel applies plain causality itself (SDPA's is_causal fast path);
+        # a mask built here already holds it.
+        inputs = AttnInputs(rope, mask, mask is None, input_pos if cache is not None else None)
+        return inputs, positions
 
     # ---- counting ---------------------------------------------------------------------------
 
@@ -214,15 +217,7 @@ class GPT(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write model.safetensors + config.json (GPTConfig) into directory `path`."""
-        from safetensors.torch import save
-
-        path = Path(path)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if self.config.tie_embeddings:
-            del state["lm_head.weight"]  # the same tensor as tok_emb.weight
-        atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
-        atomic_write_text(path / CONFIG_NAME, self.config.to_json())
-        return path
+        return save_model_files(path, self.state_dict(), self.config)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> GPT:
@@ -275,3 +270,26 @@ def load_config(path: str | os.PathLike) -> GPTConfig:
         raise UserError(f"{file} is a Hugging Face config: load it with "
                         "scratchllm.model.convert.from_hf")
     return GPTConfig.from_dict(data)
+
+
+def save_model_files(path: str | os.PathLike, state: dict[str, Tensor], config) -> Path:
+    """Write `state` as model.safetensors and config.to_json() as config.json into `path`.
+
+    A tensor that shares storage with an earlier one (tied embeddings) is written once; the
+    loader restores the tie. Any state dict works: a full one gathered from shards, or only an
+    adapter's tensors.
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    seen, tensors = set(), {}
+    for key, value in state.items():
+        ptr = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
+               tuple(value.shape))
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        tensors[key] = value.detach().contiguous()
+    atomic_write_bytes(path / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    atomic_write_text(path / CONFIG_NAME, config.to_json())
+    return path

@@ -6,10 +6,10 @@ from scratchllm.tokenizer.base import (
     PAD,
     UNK,
     BaseTokenizer,
-    load_tokenizer,
 )
 from scratchllm.tokenizer.bpe import Tokenizer, compression
 from scratchllm.tokenizer.char import CharTokenizer
+from scratchllm.tokenizer.load import load_tokenizer
 from scratchllm.tokenizer.pretokenize import DEFAULT_PATTERN, GPT2_PATTERN, GPT4_PATTERN, PATTERNS
 
 __all__ = [

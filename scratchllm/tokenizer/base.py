@@ -2,7 +2,7 @@
 
 import json
 import os
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -153,10 +153,14 @@ class BaseTokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BaseTokenizer":
         """Load a tokenizer saved by `save`; the file must hold this class's type."""
-        tok = load_tokenizer(path)
-        if cls is not BaseTokenizer and not isinstance(tok, cls):
-            raise UserError(f"{path} holds a {tok.kind!r} tokenizer, not {cls.kind!r}")
-        return tok
+        if cls is BaseTokenizer:
+            # Only load.py knows every subclass; importing it here would be an import cycle.
+            raise TypeError("BaseTokenizer.load cannot tell which class to build; use "
+                            "scratchllm.tokenizer.load_tokenizer for a file of any type")
+        data = read_tokenizer_file(path)
+        if data.get("type") != cls.kind:
+            raise UserError(f"{path} holds a {data.get('type')!r} tokenizer, not {cls.kind!r}")
+        return build_tokenizer(path, data, {cls.kind: cls})
 
 
 def _special_splitter(names: frozenset[str]) -> regex.Pattern:
@@ -186,13 +190,10 @@ def read_tokenizer_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_tokenizer(path: str | os.PathLike) -> BaseTokenizer:
-    """Load any scratchllm tokenizer file (BPE or character-level)."""
-    from scratchllm.tokenizer.bpe import Tokenizer
-    from scratchllm.tokenizer.char import CharTokenizer
-
-    data = read_tokenizer_file(path)
-    types = {Tokenizer.kind: Tokenizer, CharTokenizer.kind: CharTokenizer}
+def build_tokenizer(
+    path: str | os.PathLike, data: dict[str, Any], types: Mapping[str, type[BaseTokenizer]]
+) -> BaseTokenizer:
+    """Build the tokenizer a file's `data` holds, with the class `types` maps its type to."""
     if data.get("type") not in types:
         raise UserError(f"{path} has unknown tokenizer type {data.get('type')!r} "
                         f"(expected one of {sorted(types)})")

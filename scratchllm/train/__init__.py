@@ -1,6 +1,6 @@
-"""Pretraining: the trainer loop, AdamW and schedules, checkpoints, metrics."""
+"""Training: the loop every recipe shares, AdamW and schedules, metrics; the pretraining recipe."""
 
-from scratchllm.train.checkpoint import find_checkpoint, load_for_inference
-from scratchllm.train.trainer import Trainer, TrainResult
+from scratchllm.train.loop import Recipe, TrainLoop, TrainResult
+from scratchllm.train.pretrain import PretrainConfig, pretrainer
 
-__all__ = ["Trainer", "TrainResult", "find_checkpoint", "load_for_inference"]
+__all__ = ["PretrainConfig", "Recipe", "TrainLoop", "TrainResult", "pretrainer"]

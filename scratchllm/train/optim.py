@@ -5,8 +5,8 @@ import math
 import torch
 from torch import nn
 
-from scratchllm.config import OptimConfig
 from scratchllm.errors import UserError
+from scratchllm.train.config import OptimConfig
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 

@@ -1,7 +1,10 @@
 """Checkpoints: self-contained directories, written atomically, with exact training state.
 
+Every stage uses this one module: training loops save and resume here; generate, chat, serve
+and fine-tuning load models here.
+
 RUN_DIR/checkpoints/step-000500/
-    model.safetensors, config.json   the model (GPT.save_pretrained)
+    model.safetensors, config.json   the model's weights (any state dict) and its config
     tokenizer.json                   the tokenizer
     training.safetensors             optimizer tensors and torch/NumPy RNG states
     training.json                    step, optimizer hyper-parameters, data-loader position,
@@ -25,6 +28,10 @@ from safetensors.torch import load_file, save
 
 from scratchllm.errors import UserError
 from scratchllm.fileio import atomic_write_bytes, atomic_write_text
+from scratchllm.model import GPT
+from scratchllm.model.gpt import WEIGHTS_NAME, save_model_files
+from scratchllm.runtime import resolve_device, resolve_dtype, torch_dtype
+from scratchllm.tokenizer import load_tokenizer
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -48,7 +55,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from itself or from a run directory (its newest checkpoint)."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if (path / WEIGHTS_NAME).is_file():
         return path
     checkpoints = list_checkpoints(path)
     if checkpoints:
@@ -104,17 +111,21 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, tokenizer,
-                    state: dict[str, Any]) -> Path:
-    """Write a complete checkpoint for `step` atomically; return its directory."""
+def save_checkpoint(run_dir: str | Path, step: int, *, weights: dict[str, torch.Tensor],
+                    config, tokenizer, optimizer_state: dict, state: dict[str, Any]) -> Path:
+    """Write a complete checkpoint for `step` atomically; return its directory.
+
+    weights: the state dict to keep (the whole model, one gathered from shards, or only an
+    adapter's tensors); config: what config.json holds (anything with to_json()).
+    """
     root = Path(run_dir) / CHECKPOINTS
     final = root / step_dir_name(step)
     partial = root / f"{PARTIAL}{step_dir_name(step)}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    model.save_pretrained(partial)
+    save_model_files(partial, weights, config)
     tokenizer.save(partial / "tokenizer.json")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     rng_tensors, rng_meta = rng_state()
     atomic_write_bytes(partial / "training.safetensors", save({**opt_tensors, **rng_tensors}))
     atomic_write_text(partial / "training.json", json.dumps(
@@ -125,6 +136,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, tokenizer,
     os.replace(partial, final)
     _fsync_dir(root)
     return final
+
+
+def load_weights(checkpoint: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of CHECKPOINT/model.safetensors, or a UserError saying what to do."""
+    try:
+        return load_file(checkpoint / WEIGHTS_NAME, device=str(device))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{checkpoint}/{WEIGHTS_NAME} is unreadable ({e}); delete that "
+                        "checkpoint directory to resume from the one before") from None
 
 
 def load_training_state(checkpoint: Path, optimizer) -> dict[str, Any]:
@@ -171,18 +191,13 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
                        dtype: str = "float32"):
     """(model in eval mode, tokenizer) from a checkpoint or run directory.
 
-    dtype: float32 | bfloat16 | float16 | auto (bf16 where the hardware multiplies it natively:
-    CUDA, CPUs with AMX/AVX512-BF16; else float32) for the weights and the KV cache.
+    device: as runtime.resolve_device ('auto' = CUDA, then MPS, then CPU). dtype: float32 |
+    bfloat16 | float16 | auto (bf16 where the hardware multiplies it natively) for the weights
+    and the KV cache.
     """
-    from scratchllm.model import GPT
-    from scratchllm.tokenizer import load_tokenizer
-    from scratchllm.train.setup import DTYPES, resolve_dtype
-
-    device = torch.device(device)
+    device = resolve_device(str(device))
     dtype = resolve_dtype(device, dtype)
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}")
     checkpoint = find_checkpoint(path)
-    model = GPT.from_pretrained(checkpoint, device=device).to(DTYPES[dtype]).eval()
+    model = GPT.from_pretrained(checkpoint, device=device).to(torch_dtype(dtype)).eval()
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
     return model, tokenizer

@@ -16,8 +16,8 @@ The prompt comes from --prompt, --prompt-file or stdin. Output streams as it is 
 Temperature 0 is greedy decoding; --beams N runs beam search (deterministic)."""
 
 
-def add_generate_command(commands: Any) -> argparse.ArgumentParser:
-    """Add the `generate` command to an argparse subparsers object; returns its parser."""
+def register(commands: Any) -> argparse.ArgumentParser:
+    """Add `scratchllm generate` to an argparse subparsers object; returns its parser."""
     p = commands.add_parser("generate", help="generate text from a checkpoint",
                             description=DESCRIPTION)
     p.add_argument("--checkpoint", required=True, type=Path,
@@ -74,31 +74,19 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return sys.stdin.read()
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"unknown --device {name!r}: use cpu, cuda, cuda:N or mps") from e
-    return name
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     """Load the checkpoint, encode the prompt, print each sample (streamed or as JSON)."""
+    from scratchllm.checkpoint import load_for_inference
     from scratchllm.generate import GenerationConfig
     from scratchllm.generate.api import complete, stream
     from scratchllm.generate.engine import fit_prompt
-    from scratchllm.train.checkpoint import load_for_inference
 
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.beams > 1 and args.num_samples > 1:
         raise UserError("beam search is deterministic, so every sample would be the same: "
                         "use --num-samples 1 with --beams")
-    model, tokenizer = load_for_inference(args.checkpoint, _device(args.device), args.dtype)
+    model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype)
     prompt = _read_prompt(args)
     ids = tokenizer.encode(prompt, allowed_special="all")
     if not ids:  # an empty prompt starts a new document

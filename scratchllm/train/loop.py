@@ -1,9 +1,17 @@
-"""The pretraining loop: data, model, AdamW, evaluation, checkpoints, exact resume.
+"""The training loop every recipe runs: steps, accumulation, clipping, the LR schedule, the NaN
+guard, evaluation, checkpoints, exact resume, metrics, progress and Ctrl-C.
 
-One step: fetch the micro-batches of the step, count their real target tokens, then for each
-micro-batch add sum(cross-entropy) / count to the gradients, so k accumulated micro-batches
-give exactly the gradient of one batch k times larger. Clip, step, repeat.
+A recipe (pretraining, fine-tuning, ...) is a function that builds a `Recipe`: the model, the
+training batches, a loss function and an evaluation hook. The loop knows nothing else about
+the task, and it never branches on how the model was wrapped (compile, checkpointing, later
+DDP/FSDP): it trains `train_model` and saves `model`.
+
+One step: fetch the micro-batches of the step, count their real targets, then for each
+micro-batch add loss_sum / count to the gradients, so k accumulated micro-batches give exactly
+the gradient of one batch k times larger. Clip, step, repeat.
 """
+
+from __future__ import annotations
 
 import contextlib
 import math
@@ -11,32 +19,60 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
+from torch import Tensor, nn
 
-from scratchllm.config import RunConfig
-from scratchllm.data.loader import RandomWindows, SequentialWindows, load_tokens
+from scratchllm import checkpoint as ckpt
 from scratchllm.errors import UserError
 from scratchllm.fileio import atomic_write_text
-from scratchllm.model import GPT, IGNORE_INDEX, lm_loss_sum
-from scratchllm.model.flops import flops_per_token
-from scratchllm.train import checkpoint as ckpt
-from scratchllm.train.metrics import MetricsLog, plot_run
-from scratchllm.train.optim import build_optimizer, lr_at
-from scratchllm.train.setup import (
+from scratchllm.model import IGNORE_INDEX
+from scratchllm.runtime import (
     autocast,
-    ensure_data,
-    init_model,
     peak_flops,
-    prepare_model,
     resolve_device,
     resolve_dtype,
     seed_everything,
+    set_threads,
 )
+from scratchllm.train.metrics import MetricsLog, plot_run
+from scratchllm.train.optim import build_optimizer, lr_at
+from scratchllm.train.wrap import prepare_model
+
+
+class Batches(Protocol):
+    """Training batches that can say where they are and resume there."""
+
+    def next_batch(self) -> tuple[Tensor, ...]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# (model, batch already on the device) -> the loss summed over the batch's real targets.
+LossFn = Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
+
+
+def count_targets(batch: tuple[Tensor, ...]) -> int:
+    """Real targets of a batch (inputs, targets, ...): those not equal to IGNORE_INDEX."""
+    return int((batch[1] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class Recipe:
+    """What a recipe hands the loop; built after the run directory, device and seed are set."""
+
+    model: nn.Module  # the plain model: checkpoints hold its state_dict() and its config
+    batches: Batches  # training micro-batches (inputs, targets, ...); position saved on resume
+    loss: LossFn
+    tokenizer: Any  # saved into every checkpoint
+    accumulation: int = 1  # micro-batches per optimizer step
+    evaluate: Callable[[TrainLoop], dict[str, Any]] | None = None  # 'val_loss' marks the best
+    flops_per_token: float = 0.0  # for MFU; 0 = not reported
+    count_targets: Callable[[tuple[Tensor, ...]], int] = count_targets
 
 
 @dataclass
@@ -47,21 +83,29 @@ class TrainResult:
     interrupted: bool
     checkpoint: Path | None
     val_loss: float | None = None
-    samples: list[str] = field(default_factory=list)
+    last_eval: dict[str, Any] = field(default_factory=dict)
 
 
-class Trainer:
-    """Runs one pretraining run in RUN_DIR; `run()` trains to max_steps or until stopped."""
+class TrainLoop:
+    """Runs one run in RUN_DIR; `run()` trains to train.max_steps or until stopped.
 
-    def __init__(self, config: RunConfig, run_dir: str | Path, resume: str | None = None,
-                 progress: bool = True, log=print):
-        self.config, self.run_dir = config, Path(run_dir)
-        self.resume, self.progress, self.log = resume, progress, log
+    config: a recipe config with [train], [optim], [eval] and [checkpoint] sections.
+    build(loop) -> Recipe is called once the device is known (loop.device) and seeds are set.
+    """
+
+    def __init__(self, config, run_dir: str | Path, build: Callable[[TrainLoop], Recipe],
+                 resume: str | None = None, progress: bool = True, log=print,
+                 name: str = "training"):
+        self.config, self.run_dir, self.build = config, Path(run_dir), build
+        self.resume, self.progress, self.log, self.name = resume, progress, log, name
         self.stop_requested = False  # set by SIGINT/SIGTERM (or a test) to save and stop
-        self.step_callbacks: list = []  # called as fn(trainer, step) after every step
+        self.step_callbacks: list = []  # called as fn(loop, step) after every step
+        self._bar = None
 
     # --- setup --------------------------------------------------------------------------------
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Everything before the first step: run dir, device, seed, the recipe, the optimizer,
+        the resumed state, then compile/checkpointing wrappers from outside the model."""
         cfg, run_dir = self.config, self.run_dir
         resume_from = self._resume_checkpoint()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,21 +113,10 @@ class Trainer:
         atomic_write_text(run_dir / "config.toml", cfg.to_toml())
         self.device = resolve_device(cfg.train.device)
         cfg.train.dtype = resolve_dtype(self.device, cfg.train.dtype)
-        if cfg.train.threads > 0:
-            torch.set_num_threads(cfg.train.threads)
+        set_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
-        self.tokenizer, shards = ensure_data(cfg.data, run_dir, self.progress, self.log)
-        self.model: GPT = init_model(cfg, self.tokenizer.vocab_size, self.log).to(self.device)
-        self.model_config = self.model.config
-        T = self.model_config.context_length
-        self.train_tokens = load_tokens(shards, "train", self.tokenizer)
-        self.val_tokens = load_tokens(shards, "val", self.tokenizer)
-        self.accum = _accumulation(cfg, T)
-        loader_cls = {"random": RandomWindows, "sequential": SequentialWindows}.get(
-            cfg.data.loader)
-        if loader_cls is None:
-            raise UserError(f"unknown data.loader {cfg.data.loader!r}: random or sequential")
-        self.loader = loader_cls(self.train_tokens, cfg.train.batch_size, T, seed=cfg.train.seed)
+        self.recipe = self.build(self)
+        self.model = self.recipe.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.dtype == "float16")
         self.step, self.best_val, self.best_name, self.last_val = 0, math.inf, None, None
@@ -92,8 +125,6 @@ class Trainer:
             self._load(resume_from)
         # Compile and activation checkpointing wrap the model from outside, after loading.
         self.train_model = prepare_model(self.model, cfg.train)
-        self.token_bytes = _token_byte_lengths(self.tokenizer)
-        self.flops_per_token = flops_per_token(self.model_config, T)
         self.peak = cfg.train.peak_flops or peak_flops(self.device, cfg.train.dtype)
         self.metrics = MetricsLog(run_dir, resume_step=self.step if resume_from else None)
         self.last_checkpoint = resume_from
@@ -111,16 +142,11 @@ class Trainer:
         return ckpt.find_checkpoint(self.resume)
 
     def _load(self, checkpoint: Path) -> None:
-        from safetensors.torch import load_file
-
-        try:
-            weights = load_file(checkpoint / "model.safetensors", device=str(self.device))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"{checkpoint}/model.safetensors is unreadable ({e}); delete that "
-                            "checkpoint directory to resume from the one before") from None
-        self.model.load_weights(weights)
+        weights = ckpt.load_weights(checkpoint, self.device)
+        # Our models' load_weights restores tied weights and explains a mismatch.
+        getattr(self.model, "load_weights", self.model.load_state_dict)(weights)
         state = ckpt.load_training_state(checkpoint, self.optimizer)
-        self.loader.load_state_dict(state["loader"])
+        self.recipe.batches.load_state_dict(state["loader"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val = state.get("best_val", math.inf) or math.inf
         self.best_name = state.get("best_checkpoint")
@@ -131,40 +157,42 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         """Train until max_steps (or a stop request); always leave a checkpoint behind."""
-        self._setup()
+        self.setup()
         cfg = self.config
         max_steps = cfg.train.max_steps
         result = TrainResult(self.step, False, self.last_checkpoint)
         with self._signals():
-            bar = _bar(self.step, max_steps, self.progress)
+            self._bar = _bar(self.step, max_steps, self.progress, self.name)
             window_tokens, window_time = 0, 0.0  # training steps only, not eval or saving
             try:
                 while self.step < max_steps and not self.stop_requested:
                     start = time.perf_counter()
-                    loss, grad_norm, tokens = self._train_step()
+                    loss, grad_norm, tokens = self.train_step()
                     window_time += time.perf_counter() - start
                     self.step += 1
                     self.tokens_seen += tokens
                     window_tokens += tokens
-                    if self.step % cfg.train.log_every == 0 or self.step == max_steps:
+                    last = self.step == max_steps
+                    if self.step % cfg.train.log_every == 0 or last:
                         tps = window_tokens / max(window_time, 1e-9)
-                        self._log_step(loss, grad_norm, tps, bar)
+                        self._log_step(loss, grad_norm, tps)
                         window_tokens, window_time = 0, 0.0
-                    bar.update(1)
-                    if (cfg.eval.every and self.step % cfg.eval.every == 0) or \
-                            self.step == max_steps:
-                        result.samples = self._evaluate(bar)
-                    if self.step % cfg.checkpoint.every == 0 or self.step == max_steps:
-                        self._save()
+                    self._bar.update(1)
+                    improved = False
+                    if (cfg.eval.every and self.step % cfg.eval.every == 0) or last:
+                        result.last_eval = self.evaluate()
+                        improved = self.step == self._best_step()
+                    if self.step % cfg.checkpoint.every == 0 or last or improved:
+                        self.save()
                     for callback in self.step_callbacks:
                         callback(self, self.step)
                 # Stopped between checkpoints (Ctrl-C, SIGTERM): keep the work. After an
                 # exception (NaN, a crash mid-step) the state may be half-updated: not saved.
                 saved = self.last_checkpoint.name if self.last_checkpoint else None
                 if self.step > 0 and saved != ckpt.step_dir_name(self.step):
-                    self._save()
+                    self.save()
             finally:
-                bar.close()
+                self._bar.close()
                 self.metrics.close()
                 with contextlib.suppress(UserError):
                     plot_run(self.run_dir)
@@ -172,21 +200,20 @@ class Trainer:
         result.interrupted, result.val_loss = self.step < max_steps, self.last_val
         return result
 
-    def _train_step(self) -> tuple[float, float | None, int]:
-        cfg, model = self.config, self.train_model
+    def train_step(self) -> tuple[float, float | None, int]:
+        """One optimizer step over `accumulation` micro-batches: (loss, grad norm, tokens)."""
+        cfg, recipe = self.config, self.recipe
         lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = [self.loader.next_batch() for _ in range(self.accum)]
+        batches = [recipe.batches.next_batch() for _ in range(recipe.accumulation)]
         # Every micro-batch divides by the real targets of the whole step (exact accumulation).
-        n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+        n_targets = sum(recipe.count_targets(batch) for batch in batches)
         total = torch.zeros((), device=self.device)
-        for x, y in batches:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for batch in batches:
+            batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
             with autocast(self.device, cfg.train.dtype):
-                logits = model(x)
-            loss_sum, _ = lm_loss_sum(logits, y)
-            loss = loss_sum / max(n_targets, 1)
+                loss = recipe.loss(self.train_model, batch) / max(n_targets, 1)
             self.scaler.scale(loss).backward()
             total += loss.detach()
         loss_value = float(total)
@@ -207,9 +234,9 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm, sum(int(x.numel()) for x, _ in batches)
+        return loss_value, grad_norm, sum(int(batch[0].numel()) for batch in batches)
 
-    def _log_step(self, loss: float, grad_norm: float | None, tps: float, bar) -> None:
+    def _log_step(self, loss: float, grad_norm: float | None, tps: float) -> None:
         record: dict[str, Any] = {
             "step": self.step, "loss": loss,
             "lr": lr_at(self.step - 1, self.config.optim, self.config.train.max_steps),
@@ -217,75 +244,56 @@ class Trainer:
         }
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
-        if self.peak:
-            record["mfu"] = round(self.flops_per_token * tps / self.peak, 4)
+        if self.peak and self.recipe.flops_per_token:
+            record["mfu"] = round(self.recipe.flops_per_token * tps / self.peak, 4)
         self.metrics.write(record)
         postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
         if "mfu" in record:
             postfix["mfu"] = f"{record['mfu']:.1%}"
-        bar.set_postfix(postfix, refresh=False)
+        self._bar.set_postfix(postfix, refresh=False)
         if not self.progress:
             self.log(f"step {self.step}/{self.config.train.max_steps}  loss {loss:.4f}  "
                      f"{tps:,.0f} tok/s" + (f"  mfu {record['mfu']:.1%}" if "mfu" in record
                                              else ""))
 
-    @torch.no_grad()
-    def _evaluate(self, bar) -> list[str]:
-        cfg, model = self.config, self.model
-        model.eval()
-        T = self.model_config.context_length
-        # The same val windows every time (their own seed), so evaluations compare.
-        loader = RandomWindows(self.val_tokens, cfg.train.batch_size, T, seed=0)
-        nats, targets, n_bytes = 0.0, 0, 0
-        for _ in range(cfg.eval.batches):
-            x, y = loader.next_batch()
-            with autocast(self.device, cfg.train.dtype):
-                logits = self.train_model(x.to(self.device))
-            loss_sum, count = lm_loss_sum(logits, y.to(self.device))
-            nats += float(loss_sum)
-            targets += int(count)
-            n_bytes += int(self.token_bytes[y.numpy()].sum())
-        val_loss = nats / max(targets, 1)
-        record = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                  "val_bpb": nats / math.log(2) / max(n_bytes, 1)}
-        samples = []
-        if cfg.eval.sample_tokens > 0:
-            samples = [self.sample(cfg.eval.prompt, cfg.eval.sample_tokens)]
-            record["sample"] = samples[0]
+    def evaluate(self) -> dict[str, Any]:
+        """Run the recipe's evaluation in eval mode; record it; track the best val loss."""
+        if self.recipe.evaluate is None:
+            return {}
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                record = {"step": self.step, **self.recipe.evaluate(self)}
+        finally:
+            self.model.train()
         self.metrics.write(record)
-        model.train()
-        self.last_val = val_loss
-        message = (f"step {self.step}: val loss {val_loss:.4f}, ppl {record['val_ppl']:.2f}, "
-                   f"{record['val_bpb']:.3f} bits/byte")
-        (bar.write if self.progress else self.log)(message)
-        if samples:
-            (bar.write if self.progress else self.log)(f"sample: {samples[0]!r}")
-        if val_loss < self.best_val:
-            self.best_val = val_loss
-            if self.config.checkpoint.keep_best:
-                self.best_name = ckpt.step_dir_name(self.step)
-                self._save()
-        return samples
+        if "val_loss" in record:
+            self.last_val = record["val_loss"]
+            if self.last_val < self.best_val:
+                self.best_val = self.last_val
+                if self.config.checkpoint.keep_best:
+                    self.best_name = ckpt.step_dir_name(self.step)
+        return record
 
-    def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
-        """A sample from the current model (its own RNG: training randomness is untouched)."""
-        from scratchllm.generate import generate
+    def _best_step(self) -> int | None:
+        return int(self.best_name[len(ckpt.PREFIX):]) if self.best_name else None
 
-        ids = self.tokenizer.encode(prompt, allowed_special="all")
-        new = generate(self.model, ids, max_new_tokens=max_new_tokens,
-                       temperature=self.config.eval.temperature,
-                       top_k=self.config.eval.top_k or None, seed=seed)
-        return prompt + self.tokenizer.decode(new)
+    def say(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        (self._bar.write if self.progress and self._bar is not None else self.log)(message)
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Write this step's checkpoint, then prune the old ones."""
         cfg = self.config
-        state = {"tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(),
+        state = {"tokens_seen": self.tokens_seen, "loader": self.recipe.batches.state_dict(),
                  "best_val": self.best_val if math.isfinite(self.best_val) else None,
                  "best_checkpoint": self.best_name, "val_loss": self.last_val,
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                  "config": cfg.to_dict()}
-        self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, self.step, self.model,
-                                                    self.optimizer, self.tokenizer, state)
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.run_dir, self.step, weights=self.model.state_dict(), config=self.model.config,
+            tokenizer=self.recipe.tokenizer, optimizer_state=self.optimizer.state_dict(),
+            state=state)
         keep = {self.best_name} if cfg.checkpoint.keep_best and self.best_name else set()
         ckpt.prune_checkpoints(self.run_dir, cfg.checkpoint.keep_last, keep)
 
@@ -311,25 +319,8 @@ class Trainer:
                 signal.signal(s, h)
 
 
-def _accumulation(cfg: RunConfig, context_length: int) -> int:
-    micro = cfg.train.batch_size * context_length
-    if cfg.train.batch_tokens <= 0:
-        return 1
-    if cfg.train.batch_tokens % micro:
-        raise UserError(f"train.batch_tokens ({cfg.train.batch_tokens}) must be a multiple of "
-                        f"batch_size * context_length ({micro})")
-    return cfg.train.batch_tokens // micro
-
-
-def _token_byte_lengths(tokenizer) -> np.ndarray:
-    """UTF-8 bytes of every id (special tokens count 0), for bits per byte."""
-    specials = set(tokenizer.special_tokens.values())
-    return np.array([0 if i in specials else len(tokenizer.decode_bytes([i]))
-                     for i in range(tokenizer.vocab_size)], dtype=np.int64)
-
-
-def _bar(start: int, total: int, enabled: bool):
+def _bar(start: int, total: int, enabled: bool, name: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, unit="step", desc="pretraining", disable=not enabled,
+    return tqdm(total=total, initial=start, unit="step", desc=name, disable=not enabled,
                 file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,147 @@
+"""CPU fast paths for Linear and attention: bf16 without native bf16 matmuls, batch-1 decode.
+
+Kept apart from the layers so that the layers read as plain PyTorch. Each path computes what
+the plain op computes (up to summation order) and steps aside wherever it does not apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scratchllm.runtime import cpu_has_native_bf16
+
+
+def slow_bf16_cpu(x: Tensor) -> bool:
+    """True when x is (or autocasts to) bf16 on a CPU without native bf16 matmuls."""
+    # Called by every Linear: the common fp32 answer costs two attribute reads and one query
+    # (x.device would build a torch.device object each time).
+    if not x.is_cpu:
+        return False
+    bf16 = x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return bf16 and not cpu_has_native_bf16()
+
+
+def bf16_exact(t: Tensor) -> Tensor:
+    """Round to bf16 and hold the result in fp32 (exactly representable)."""
+    return t.to(torch.bfloat16).float()
+
+
+class Bf16LinearViaFp32(torch.autograd.Function):
+    """A bf16 linear layer (bf16 inputs, fp32 accumulation, bf16 output) run on fp32 GEMMs.
+
+    Without AVX512-BF16/AMX, torch's bf16 GEMM is a reference loop 10-20x slower than fp32 MKL.
+    A product of two bf16 numbers is exact in fp32, so fp32 GEMMs on bf16-rounded operands give
+    what a native bf16 GEMM gives (up to summation order); activations are saved in bf16, as
+    under autocast. Gradients are left unrounded (fp32): at least as precise as autocast's.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # type: ignore[override]
+        xb, wb = x.to(torch.bfloat16), w.to(torch.bfloat16)
+        ctx.save_for_backward(xb, wb)  # what autocast would keep: bf16 input and weight copies
+        ctx.has_bias = b is not None
+        bias = bf16_exact(b) if b is not None else None
+        return F.linear(xb.float(), wb.float(), bias).to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        xb, wb = ctx.saved_tensors
+        g2 = g.reshape(-1, wb.shape[0]).float()  # (M, N); g is bf16: the output was bf16
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2 @ wb.float()).view(xb.shape)  # (..., K)
+        if ctx.needs_input_grad[1]:
+            gw = g2.t() @ xb.reshape(-1, xb.shape[-1]).float()  # (N, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb  # autograd casts each to its input's dtype
+
+
+def one_row(x: Tensor) -> bool:
+    """True for a single row (batch-1 decode step) on the CPU without autograd."""
+    return x.is_cpu and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
+
+
+def derived_tensor(owner: nn.Module, name: str, sources: tuple[Tensor, ...],
+                   build: Callable[[], Tensor]) -> Tensor | None:
+    """build() cached on `owner` until one of `sources` changes; None for inference tensors.
+
+    Keyed on each source's identity, storage, in-place version and dtype, so a result is never
+    stale (an optimizer step, load_state_dict, `.to(dtype)` or a new Parameter rebuild it).
+    Kept in a plain attribute: never in state_dict(). Inference tensors have no version
+    counter: None.
+    """
+    if any(t.is_inference() for t in sources):
+        return None
+    key = tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in sources)
+    cached = owner.__dict__.get(name)  # (key, tensor)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            cached = (key, build())
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
+def transposed_product(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., in) @ weight_t (in, out) + bias for a single row x."""
+    x2 = x.reshape(1, -1)  # (1, in)
+    y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)
+    return y.view(*x.shape[:-1], -1)  # (..., out)
+
+
+def fast_linear(layer: nn.Linear, x: Tensor) -> Tensor | None:
+    """layer(x) by a CPU fast path, or None where the plain F.linear is the right call."""
+    if slow_bf16_cpu(x):
+        with torch.autocast("cpu", enabled=False):
+            return Bf16LinearViaFp32.apply(x, layer.weight, layer.bias)
+    if layer.out_features >= layer.in_features and one_row(x):
+        # A one-row product streams the whole weight from memory, and MKL's GEMV streams
+        # an (in, out) matrix (axpy on long rows) about twice as fast as our (out, in) one
+        # (dot products of short rows) when out >= in: the up-projection and lm_head of a
+        # batch-1 decode step. The (in, out) copy is made on first use.
+        w = layer.weight
+        weight_t = derived_tensor(layer, "_weight_t", (w,), lambda: w.detach().t().contiguous())
+        if weight_t is not None:
+            return transposed_product(x, weight_t, layer.bias)
+    return None
+
+
+def fused_qkv(projections: tuple[nn.Linear, nn.Linear, nn.Linear], owner: nn.Module,
+              x: Tensor) -> tuple[Tensor, ...] | None:
+    """q, k, v of a batch-1 decode step from one product with a fused (C, q + k + v) copy of
+    the three weights (each small GEMV pays a fixed cost), or None where it does not apply.
+
+    The caller passes plain Linear projections only: a wrapped one (LoRA, a quantized layer)
+    computes more than its `.weight`, so the fused copy would skip it.
+    """
+    if not one_row(x) or slow_bf16_cpu(x):
+        return None
+    weights = tuple(p.weight for p in projections)
+    fused = derived_tensor(owner, "_qkv_t", weights,
+                           lambda: torch.cat(weights).detach().t().contiguous())
+    if fused is None:
+        return None
+    bias = None
+    if projections[0].bias is not None:
+        biases = tuple(p.bias for p in projections)
+        bias = derived_tensor(owner, "_qkv_bias", biases, lambda: torch.cat(biases).detach())
+    qkv = transposed_product(x, fused, bias)
+    return qkv.split([p.out_features for p in projections], dim=-1)
+
+
+def sdpa_via_fp32(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
+                  dropout_p: float, gqa: bool) -> Tensor:
+    """bf16 attention as fp32 SDPA on bf16-rounded values (as exact), for CPUs where torch's
+    bf16 kernel is slow."""
+    with torch.autocast("cpu", enabled=False):
+        q, k, v = bf16_exact(q), bf16_exact(k), bf16_exact(v)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.float()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                           is_causal=causal, enable_gqa=gqa)
+    return y.to(torch.bfloat16)
