@@ -12,7 +12,9 @@ RUN_DIR/checkpoints/step-000500/
 
 A checkpoint is written into `.partial-step-000500/` and renamed into place when complete,
 so a crash (even SIGKILL) mid-write leaves the previous checkpoints intact; the newest
-complete `step-*` directory is the one to resume from.
+complete `step-*` directory is the one to resume from. Replacing an existing step moves the
+old copy aside (`.old-step-000500/`) before renaming the new one in, and deletes it after;
+`recover_checkpoints` (run at every start) puts an old copy back if a kill came in between.
 """
 
 import json
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from scratchllm.errors import UserError
@@ -35,7 +38,8 @@ from scratchllm.tokenizer import load_tokenizer
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
-PARTIAL = ".partial-"
+PARTIAL = ".partial-"  # being written
+OLD = ".old-"  # a complete checkpoint moved aside while a new copy of its step goes in
 
 
 def step_dir_name(step: int) -> str:
@@ -49,7 +53,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
              and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=step_of)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -131,30 +135,50 @@ def save_checkpoint(run_dir: str | Path, step: int, *, weights: dict[str, torch.
     atomic_write_text(partial / "training.json", json.dumps(
         {**state, "step": step, "optimizer": opt_meta, "rng": rng_meta}, indent=1) + "\n")
     _fsync_dir(partial)
-    if final.exists():  # re-saving the same step (e.g. interrupted right after a save)
-        shutil.rmtree(final)
+    # Replace atomically: a complete directory sits under the final name, or (for an instant)
+    # under the old-copy name, at every moment; recover_checkpoints() puts it back after a kill.
+    old = root / f"{OLD}{step_dir_name(step)}"
+    if final.exists():  # re-saving a step (a run resumed from an earlier checkpoint)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(partial, final)
     _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _damaged(file: Path, error: Exception) -> UserError:
+    """The one-line error for a damaged checkpoint file, naming what to fall back to."""
+    checkpoint = file.parent
+    earlier = [p for p in list_checkpoints(checkpoint.parent.parent)
+               if step_of(p) < step_of(checkpoint)] if checkpoint.name.startswith(PREFIX) else []
+    fallback = (f"resume from {earlier[-1]} (--resume {earlier[-1]})" if earlier
+                else "start a new run")
+    return UserError(f"{file} is damaged ({error}); delete {checkpoint} and {fallback}")
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step of a `step-N` checkpoint directory."""
+    return int(checkpoint.name[len(PREFIX):])
 
 
 def load_weights(checkpoint: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of CHECKPOINT/model.safetensors, or a UserError saying what to do."""
     try:
         return load_file(checkpoint / WEIGHTS_NAME, device=str(device))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise UserError(f"{checkpoint}/{WEIGHTS_NAME} is unreadable ({e}); delete that "
-                        "checkpoint directory to resume from the one before") from None
+    except (SafetensorError, OSError) as e:  # damaged or unreadable, not e.g. a bad device
+        raise _damaged(checkpoint / WEIGHTS_NAME, e) from None
 
 
 def load_training_state(checkpoint: Path, optimizer) -> dict[str, Any]:
     """Restore optimizer and RNG states from a checkpoint; return training.json's dict."""
+    file = checkpoint / "training.json"
     try:
-        state = json.loads((checkpoint / "training.json").read_text(encoding="utf-8"))
-        tensors = load_file(checkpoint / "training.safetensors")
-    except (OSError, json.JSONDecodeError, ValueError) as e:
-        raise UserError(f"{checkpoint} has no readable training state ({e}); resume from an "
-                        "earlier checkpoint or start a new run") from None
+        state = json.loads(file.read_text(encoding="utf-8"))
+        file = checkpoint / "training.safetensors"
+        tensors = load_file(file)
+    except (OSError, ValueError, SafetensorError) as e:  # JSONDecodeError is a ValueError
+        raise _damaged(file, e) from None
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
     set_rng_state(tensors, state["rng"])
     return state
@@ -168,12 +192,20 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: set[str]) -> No
             shutil.rmtree(path, ignore_errors=True)
 
 
-def remove_partials(run_dir: str | Path) -> None:
-    """Delete half-written checkpoints left by a crash."""
+def recover_checkpoints(run_dir: str | Path) -> None:
+    """After a crash: delete half-written checkpoints, and put back a complete one that was
+    moved aside (killed between the two renames of a replacement)."""
     root = Path(run_dir) / CHECKPOINTS
-    if root.is_dir():
-        for path in root.glob(f"{PARTIAL}*"):
+    if not root.is_dir():
+        return
+    for path in root.glob(f"{OLD}*"):
+        final = root / path.name[len(OLD):]
+        if final.exists():
             shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.replace(path, final)
+    for path in root.glob(f"{PARTIAL}*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -76,11 +76,30 @@ def load_config(path: str | Path | None, overrides: Sequence[str], schema: type[
     for override in overrides:
         section, key, value = _parse_override(override)
         _set(config, sections, section, key, value, "")
-    for name in sections:
-        check = getattr(getattr(config, name), "check", None)
+    # Every section's check(), then the whole config's (cross-section rules), before any work.
+    for target in [*(getattr(config, name) for name in sections), config]:
+        check = getattr(target, "check", None)
         if check is not None:
             check()
     return config
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """A UserError naming the nearest valid choice unless value is one of choices."""
+    if value not in choices:
+        raise UserError(f"{name} = {value!r} is not one of {', '.join(choices)}"
+                        f"{_suggest(value, list(choices))}")
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> None:
+    """A UserError unless low <= value <= high (low < value with low_open)."""
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        bounds = [f"{'>' if low_open else '>='} {low}" if low is not None else "",
+                  f"<= {high}" if high is not None else ""]
+        raise UserError(f"{name} = {value} is out of range: it must be "
+                        f"{' and '.join(b for b in bounds if b)}")
 
 
 def _parse_override(text: str) -> tuple[str, str, Any]:

@@ -215,7 +215,8 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert losses(tmp_path / "run") == losses(tmp_path / "full")
 
 
-def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_and_says_how_to_resume(tmp_path, signum):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "scratchllm", "pretrain", "--out", str(run),
            "--max-steps", "100000", *TINY]
@@ -226,7 +227,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "resume with: scratchllm pretrain" in err and "--resume" in err
@@ -250,13 +251,26 @@ def test_config_errors_are_one_line(tmp_path, capsys):
 
 
 def test_every_preset_config_loads(tmp_path):
+    import tomllib
     from pathlib import Path
 
-    for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/*.toml")):
+    paths = sorted(Path(__file__).resolve().parent.parent.glob("configs/*.toml"))
+    assert len(paths) >= 5
+    for path in paths:
         config = load_config(path, [], PretrainConfig)
+        raw = tomllib.loads(path.read_text())
+        for section, values in raw.items():  # every value in the file reached the config
+            for key, value in values.items():
+                got = config.model[key] if section == "model" else \
+                    getattr(getattr(config, section), key)
+                assert got == value, (path.name, section, key)
         vocab = 65 if config.data.tokenizer == "char" else config.data.vocab_size
         with torch.device("meta"):
-            GPT(config.model_config(vocab))
+            model = GPT(config.model_config(vocab))
+        for key, value in raw.get("model", {}).items():
+            if key != "preset":
+                assert getattr(model.config, key) == value, (path.name, key)
+        assert model.config.vocab_size == vocab and model.num_params() > 0
 
 
 def test_continued_pretraining_from_an_hf_checkpoint(tmp_path):
@@ -304,6 +318,187 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:100])
     assert main(["pretrain", "--out", str(tmp_path), "--resume", *TINY,
                  "--train.max_steps=4"]) == 1
-    assert "delete that checkpoint directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model.safetensors is damaged" in err and f"delete {weights.parent} and" in err
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "I"]) == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+# --- validation before any work (reliability) -------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("--checkpoint.keep_last=0", "checkpoint.keep_last = 0 is out of range"),
+    ("--checkpoint.keep_last=-2", "checkpoint.keep_last = -2 is out of range"),
+    ("--checkpoint.every=0", "checkpoint.every = 0 is out of range"),
+    ("--train.log_every=0", "train.log_every = 0 is out of range"),
+    ("--train.nan_policy=skp", "did you mean 'skip'"),
+    ("--train.dtype=bfloat", "did you mean 'bfloat16'"),
+    ("--optim.schedule=cosin", "did you mean 'cosine'"),
+    ("--data.loader=sequental", "did you mean 'sequential'"),
+    ("--eval.prompt= --eval.sample_tokens=5", "eval.prompt is empty"),
+    ("--optim.beta2=1.5", "optim.beta2 = 1.5 is out of range"),
+    ("--train.device=gpu", "train.device = 'gpu'"),
+])
+def test_bad_config_values_fail_at_load_in_one_line(tmp_path, capsys, override, message):
+    from scratchllm.cli import main
+
+    overrides = override.split()
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_config(*overrides)
+    assert main(["pretrain", "--out", str(tmp_path / "r"), *TINY, *overrides]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "r").exists()  # nothing prepared, nothing written
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--model.context_length=4000", "the val split of"),
+    ("--eval.sample_tokens=5", "eval.prompt is 40 tokens, longer than the context (32)"),
+])
+def test_misconfigured_eval_fails_before_step_one(tmp_path, override, message):
+    extra = ["--eval.prompt=" + "x" * 40] if "prompt" in message else []
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pretrainer(tiny_config(override, *extra), tmp_path, log=quiet, progress=False).run()
+    assert not (tmp_path / "metrics.jsonl").exists() or not losses(tmp_path)
+    assert list_checkpoints(tmp_path) == []
+
+
+def test_a_failing_final_evaluation_keeps_the_finished_run(tmp_path, monkeypatch):
+    real = pretrain_module.Evaluation.__call__
+
+    def failing(self, loop):
+        if loop.step == 4:
+            raise RuntimeError("evaluation broke")
+        return real(self, loop)
+
+    monkeypatch.setattr(pretrain_module.Evaluation, "__call__", failing)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        pretrainer(tiny_config("--train.max_steps=4", "--checkpoint.every=100"), tmp_path,
+                   log=quiet, progress=False).run()
+    assert list_checkpoints(tmp_path)[-1].name == "step-000004"
+
+
+def test_each_step_is_written_once(tmp_path, monkeypatch):
+    from scratchllm import checkpoint
+
+    saved = []
+    real = checkpoint.save_checkpoint
+
+    def counting(run_dir, step, **kwargs):
+        saved.append(step)
+        return real(run_dir, step, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", counting)
+    pretrainer(tiny_config("--train.max_steps=12", "--eval.every=2", "--checkpoint.every=4"),
+               tmp_path, log=quiet, progress=False).run()
+    assert len(saved) == len(set(saved)) and {4, 8, 12} <= set(saved)
+
+
+def test_keep_last_and_keep_best_prune_exactly(tmp_path):
+    pretrainer(tiny_config("--train.max_steps=12", "--eval.every=2", "--checkpoint.every=2",
+                           "--checkpoint.keep_last=2", "--optim.lr=3e-2"),
+               tmp_path, log=quiet, progress=False).run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    vals = [(r["val_loss"], r["step"]) for r in records if "val_loss" in r]
+    best = min(vals)[1]
+    kept = {int(p.name.split("-")[1]) for p in list_checkpoints(tmp_path)}
+    assert kept == {10, 12, best}
+
+
+def test_val_perplexity_and_bits_per_byte_by_hand(tmp_path):
+    import numpy as np
+    import torch.nn.functional as F
+
+    from scratchllm.data.loader import RandomWindows, load_tokens
+
+    pretrainer(tiny_config("--train.max_steps=2", "--eval.batches=3"), tmp_path, log=quiet,
+               progress=False).run()
+    record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "val_loss" in line][-1]
+    model, tok = load_for_inference(list_checkpoints(tmp_path)[-1])
+    windows = RandomWindows(load_tokens(tmp_path / "data", "val", tok), 4, 32, seed=0)
+    nats, count, n_bytes = 0.0, 0, 0
+    with torch.no_grad():
+        for _ in range(3):
+            x, y = windows.next_batch()
+            nats += float(F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum"))
+            count += y.numel()
+            n_bytes += sum(len(tok.decode([int(i)]).encode("utf-8")) for i in y.flatten())
+    assert record["val_loss"] == pytest.approx(nats / count, rel=1e-5)
+    assert record["val_ppl"] == pytest.approx(np.exp(nats / count), rel=1e-5)
+    assert record["val_bpb"] == pytest.approx(nats / np.log(2) / n_bytes, rel=1e-5)
+
+
+def test_sequential_loader_resumes_exactly(tmp_path):
+    args = ("--train.max_steps=6", "--data.loader=sequential")
+    pretrainer(tiny_config(*args), tmp_path / "full", log=quiet, progress=False).run()
+    stopped = pretrainer(tiny_config(*args), tmp_path / "split", log=quiet, progress=False)
+    stopped.step_callbacks.append(lambda t, step: setattr(t, "stop_requested", step == 3))
+    assert stopped.run().step == 3
+    pretrainer(tiny_config(*args), tmp_path / "split", resume="auto", log=quiet,
+               progress=False).run()
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    assert type(stopped.recipe.batches).__name__ == "SequentialWindows"
+
+
+def test_bf16_training_through_the_trainer(tmp_path, monkeypatch):
+    seen = []
+    real = pretrain_module.lm_loss_sum
+
+    def spy(logits, targets):
+        seen.append(logits.dtype)
+        return real(logits, targets)
+
+    monkeypatch.setattr(pretrain_module, "lm_loss_sum", spy)
+    result = pretrainer(tiny_config("--train.max_steps=6", "--train.dtype=bfloat16",
+                                    "--optim.lr=1e-2"), tmp_path / "bf16", log=quiet,
+                        progress=False).run()
+    assert seen and seen[0] == torch.bfloat16  # the forward ran under bf16 autocast
+    monkeypatch.setattr(pretrain_module, "lm_loss_sum", real)
+    pretrainer(tiny_config("--train.max_steps=6", "--optim.lr=1e-2"), tmp_path / "fp32",
+               log=quiet, progress=False).run()
+    low, full = losses(tmp_path / "bf16"), losses(tmp_path / "fp32")
+    assert low != full and all(math.isfinite(v) for _, v in low)
+    for (_, a), (_, b) in zip(low, full, strict=True):
+        assert a == pytest.approx(b, rel=0.05)  # the same run up to bf16 rounding
+    assert result.step == 6
+
+
+def test_tensorboard_gets_the_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pretrainer(tiny_config("--train.max_steps=3"), tmp_path, log=quiet, progress=False).run()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [s for s, _ in loss] == [1, 2, 3]
+    assert [v for _, v in loss] == pytest.approx([v for _, v in losses(tmp_path)], rel=1e-6)
+    assert "val_loss" in events.Tags()["scalars"]
+
+
+def test_generate_on_a_missing_device_says_so(tmp_path, capsys):
+    from scratchllm.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    pretrainer(tiny_config("--train.max_steps=1"), tmp_path, log=quiet, progress=False).run()
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "I",
+                 "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "re-save" not in err
+
+
+def test_an_explicit_tokenizer_wins_over_the_shards_own(tmp_path):
+    from scratchllm.cli import main
+
+    tok = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--char", "--data", "the-verdict", "--out", str(tok)]) == 0
+    shards = tmp_path / "shards"
+    assert main(["prepare", "--data", "the-verdict", "--tokenizer", str(tok), "--out",
+                 str(shards)]) == 0
+    moved = tmp_path / "moved"
+    shards.rename(moved)
+    (moved / "tokenizer.json").unlink()  # the shard dir's own copy is gone
+    result = pretrainer(tiny_config("--train.max_steps=1", f"--data.shards={moved}",
+                                    f"--data.tokenizer={tok}"), tmp_path / "run", log=quiet,
+                        progress=False).run()
+    assert result.step == 1

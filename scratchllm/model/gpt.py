@@ -227,13 +227,14 @@ class GPT(nn.Module):
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise UserError(f"{weights} not found: point at a directory saved by save_pretrained")
-        try:
-            from safetensors.torch import load_file
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
+        try:  # only a damaged or unreadable file is reported as one (not, say, a bad device)
             state = load_file(weights, device=str(device))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
+        except (SafetensorError, OSError) as e:
             raise UserError(f"{weights} is not a readable safetensors file ({e}): re-save it") \
-                from e
+                from None
         with torch.device("meta"):
             model = cls(config)
         model.load_weights(state, assign=True)

@@ -1,7 +1,14 @@
 """The training loop's config sections, shared by every recipe: [train], [optim], [eval],
 [checkpoint]. A recipe's config adds its own sections (data, model, task) beside these."""
 
+import re
 from dataclasses import dataclass
+
+from scratchllm.config import check_choice, check_range
+from scratchllm.errors import UserError
+
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 @dataclass
@@ -23,6 +30,20 @@ class TrainConfig:
     init_from: str = ""  # a scratchllm checkpoint or HF model directory to start from
     peak_flops: float = 0.0  # hardware peak FLOP/s for MFU; 0 = measured (CPU) or datasheet (GPU)
 
+    def check(self) -> None:
+        """Ranges and names, checked when the config is loaded (before any work)."""
+        check_range("train.max_steps", self.max_steps, 1)
+        check_range("train.batch_size", self.batch_size, 1)
+        check_range("train.batch_tokens", self.batch_tokens, 0)
+        check_range("train.grad_clip", self.grad_clip, 0)
+        check_choice("train.dtype", self.dtype, DTYPE_NAMES)
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise UserError(f"train.device = {self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+        check_range("train.threads", self.threads, 0)
+        check_choice("train.nan_policy", self.nan_policy, ("stop", "skip"))
+        check_range("train.log_every", self.log_every, 1)
+        check_range("train.peak_flops", self.peak_flops, 0)
+
 
 @dataclass
 class OptimConfig:
@@ -38,6 +59,18 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to min_lr
 
+    def check(self) -> None:
+        """Ranges and names, checked when the config is loaded (before any work)."""
+        check_range("optim.lr", self.lr, 0)
+        check_range("optim.min_lr", self.min_lr, 0)
+        check_range("optim.weight_decay", self.weight_decay, 0)
+        check_range("optim.beta1", self.beta1, 0, 1)
+        check_range("optim.beta2", self.beta2, 0, 1)
+        check_range("optim.eps", self.eps, 0, low_open=True)
+        check_choice("optim.schedule", self.schedule, SCHEDULES)
+        check_range("optim.warmup_steps", self.warmup_steps, 0)
+        check_range("optim.decay_fraction", self.decay_fraction, 0, 1)
+
 
 @dataclass
 class EvalConfig:
@@ -50,6 +83,18 @@ class EvalConfig:
     temperature: float = 0.8
     top_k: int = 0  # 0 = off
 
+    def check(self) -> None:
+        """Ranges, checked when the config is loaded; the prompt's length is checked against
+        the context once the tokenizer is known."""
+        check_range("eval.every", self.every, 0)
+        check_range("eval.batches", self.batches, 1)
+        check_range("eval.sample_tokens", self.sample_tokens, 0)
+        check_range("eval.temperature", self.temperature, 0)
+        check_range("eval.top_k", self.top_k, 0)
+        if self.sample_tokens > 0 and not self.prompt:
+            raise UserError("eval.prompt is empty: give the samples a prompt (e.g. \"\\n\") "
+                            "or set eval.sample_tokens=0")
+
 
 @dataclass
 class CheckpointConfig:
@@ -58,3 +103,9 @@ class CheckpointConfig:
     every: int = 500  # steps between checkpoints (and always at the end or on interrupt)
     keep_last: int = 2
     keep_best: bool = True  # also keep the checkpoint with the best val loss
+
+    def check(self) -> None:
+        """Ranges, checked when the config is loaded (keep_last=0 would delete every
+        checkpoint)."""
+        check_range("checkpoint.every", self.every, 1)
+        check_range("checkpoint.keep_last", self.keep_last, 1)

@@ -109,7 +109,7 @@ class TrainLoop:
         cfg, run_dir = self.config, self.run_dir
         resume_from = self._resume_checkpoint()
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_partials(run_dir)
+        ckpt.recover_checkpoints(run_dir)
         atomic_write_text(run_dir / "config.toml", cfg.to_toml())
         self.device = resolve_device(cfg.train.device)
         cfg.train.dtype = resolve_dtype(self.device, cfg.train.dtype)
@@ -126,7 +126,8 @@ class TrainLoop:
         # Compile and activation checkpointing wrap the model from outside, after loading.
         self.train_model = prepare_model(self.model, cfg.train)
         self.peak = cfg.train.peak_flops or peak_flops(self.device, cfg.train.dtype)
-        self.metrics = MetricsLog(run_dir, resume_step=self.step if resume_from else None)
+        self.metrics = MetricsLog(run_dir, resume_step=self.step if resume_from else None,
+                                  log=self.log)
         self.last_checkpoint = resume_from
 
     def _resume_checkpoint(self) -> Path | None:
@@ -178,12 +179,7 @@ class TrainLoop:
                         self._log_step(loss, grad_norm, tps)
                         window_tokens, window_time = 0, 0.0
                     self._bar.update(1)
-                    improved = False
-                    if (cfg.eval.every and self.step % cfg.eval.every == 0) or last:
-                        result.last_eval = self.evaluate()
-                        improved = self.step == self._best_step()
-                    if self.step % cfg.checkpoint.every == 0 or last or improved:
-                        self.save()
+                    self._evaluate_and_save(result, last)
                     for callback in self.step_callbacks:
                         callback(self, self.step)
                 # Stopped between checkpoints (Ctrl-C, SIGTERM): keep the work. After an
@@ -199,6 +195,21 @@ class TrainLoop:
         result.step, result.checkpoint = self.step, self.last_checkpoint
         result.interrupted, result.val_loss = self.step < max_steps, self.last_val
         return result
+
+    def _evaluate_and_save(self, result: TrainResult, last: bool) -> None:
+        """Evaluate and checkpoint when due; each step is written at most once."""
+        cfg = self.config
+        save = self.step % cfg.checkpoint.every == 0 or last
+        if (cfg.eval.every and self.step % cfg.eval.every == 0) or last:
+            try:
+                result.last_eval = self.evaluate()
+            except BaseException:
+                if last:  # a failing (or interrupted) final evaluation never costs the run
+                    self.save()
+                raise
+            save = save or self.step == self._best_step()  # a new best is kept
+        if save:
+            self.save()
 
     def train_step(self) -> tuple[float, float | None, int]:
         """One optimizer step over `accumulation` micro-batches: (loss, grad norm, tokens)."""

@@ -13,8 +13,8 @@ METRICS = "metrics.jsonl"
 class MetricsLog:
     """Appends one JSON object per record to RUN_DIR/metrics.jsonl (and TensorBoard)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
-        self.path = Path(run_dir) / METRICS
+    def __init__(self, run_dir: Path, resume_step: int | None = None, log=print):
+        self.path, self.log = Path(run_dir) / METRICS, log
         if resume_step is not None:
             self.truncate_after(resume_step)
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
@@ -24,8 +24,11 @@ class MetricsLog:
         """Drop records of steps after `step` (a resumed run writes them again)."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        records, torn = _parse(self.path.read_text(encoding="utf-8", errors="replace"))
+        if torn:  # a line cut short by a crash or power loss: drop it, keep the rest
+            self.log(f"warning: dropped {torn} unreadable line(s) of {self.path} (a write cut "
+                     "short by a crash)")
+        kept = [json.dumps(r) for r in records if r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -55,8 +58,25 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         raise UserError(f"{path} does not exist: is {run_dir} a run directory?")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    return _parse(path.read_text(encoding="utf-8", errors="replace"))[0]
+
+
+def _parse(text: str) -> tuple[list[dict[str, Any]], int]:
+    """(the records of metrics.jsonl text, the number of unreadable lines skipped)."""
+    records, torn = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn += 1
+    return records, torn
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:

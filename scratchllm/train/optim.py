@@ -6,9 +6,7 @@ import torch
 from torch import nn
 
 from scratchllm.errors import UserError
-from scratchllm.train.config import OptimConfig
-
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
+from scratchllm.train.config import SCHEDULES, OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

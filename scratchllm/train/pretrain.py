@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from scratchllm.config import Sections
+from scratchllm.config import Sections, check_choice, check_range
 from scratchllm.data.loader import RandomWindows, SequentialWindows, load_tokens
 from scratchllm.errors import UserError
 from scratchllm.model import GPT, GPTConfig, lm_loss_sum
@@ -35,6 +35,12 @@ class DataConfig:
     val_fraction: float = 0.1
     loader: str = "random"  # random (nanoGPT-style windows) | sequential (epochs)
 
+    def check(self) -> None:
+        """Ranges and names, checked when the config is loaded (before any work)."""
+        check_range("data.vocab_size", self.vocab_size, 1)
+        check_range("data.val_fraction", self.val_fraction, 0, 1)
+        check_choice("data.loader", self.loader, ("random", "sequential"))
+
 
 MODEL_KEYS = ["preset", *(f.name for f in fields(GPTConfig))]
 
@@ -51,6 +57,10 @@ class PretrainConfig(Sections):
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def check(self) -> None:
+        """The [model] section must make a valid GPTConfig (checked with data.vocab_size)."""
+        self.model_config(self.data.vocab_size)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The GPTConfig of [model] with the tokenizer's vocab_size."""
@@ -75,6 +85,7 @@ def build_pretraining(loop: TrainLoop) -> Recipe:
     T = model.config.context_length
     train_tokens = load_tokens(shards, "train", tokenizer)
     val_tokens = load_tokens(shards, "val", tokenizer)
+    check_before_training(cfg, tokenizer, T, shards, train_tokens, val_tokens)
     loader_cls = {"random": RandomWindows, "sequential": SequentialWindows}.get(cfg.data.loader)
     if loader_cls is None:
         raise UserError(f"unknown data.loader {cfg.data.loader!r}: random or sequential")
@@ -83,6 +94,21 @@ def build_pretraining(loop: TrainLoop) -> Recipe:
     return Recipe(model=model, batches=batches, loss=next_token_loss, tokenizer=tokenizer,
                   accumulation=accumulation_steps(cfg.train, T), evaluate=evaluation,
                   flops_per_token=flops_per_token(model.config, T))
+
+
+def check_before_training(cfg: PretrainConfig, tokenizer, T: int, shards: Path,
+                          train_tokens: np.ndarray, val_tokens: np.ndarray) -> None:
+    """What the first and last evaluations need, checked before step 1 (not after a run)."""
+    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
+        if len(tokens) < T + 1:
+            raise UserError(f"the {split} split of {shards} has {len(tokens)} tokens, fewer than "
+                            f"context_length + 1 = {T + 1}: use a shorter model.context_length, "
+                            "more data, or a larger data.val_fraction")
+    if cfg.eval.sample_tokens > 0:
+        n = len(tokenizer.encode(cfg.eval.prompt, allowed_special="all"))
+        if n > T:
+            raise UserError(f"eval.prompt is {n} tokens, longer than the context ({T}): "
+                            "shorten it")
 
 
 def next_token_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
