@@ -497,7 +497,8 @@ def test_an_explicit_tokenizer_wins_over_the_shards_own(tmp_path):
                  str(shards)]) == 0
     moved = tmp_path / "moved"
     shards.rename(moved)
-    (moved / "tokenizer.json").unlink()  # the shard dir's own copy is gone
+    (moved / "tokenizer.json").unlink()  # the shard dir's own copy is gone, and so is
+    tok = tok.rename(tmp_path / "elsewhere.json")  # the file it was made from
     result = pretrainer(tiny_config("--train.max_steps=1", f"--data.shards={moved}",
                                     f"--data.tokenizer={tok}"), tmp_path / "run", log=quiet,
                         progress=False).run()

@@ -14,6 +14,9 @@ from scratchllm.model.config import GPTConfig
 from scratchllm.model.fastpath import fused_qkv, sdpa_via_fp32, slow_bf16_cpu
 from scratchllm.model.layers import Linear, apply_rope, make_dropout
 
+# SDPA reads grouped-query k/v heads itself (enable_gqa) from torch 2.5 on.
+SDPA_SHARES_KV_HEADS = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 def causal_bias(T: int, S: int, device: torch.device | None = None) -> Tensor:
     """(T, S) additive mask, 0 where query i may see key j <= i + (S - T), else -inf.
@@ -56,6 +59,10 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, 
                    causal: bool, dropout_p: float = 0.0) -> Tensor:
     """The fast path: torch's fused scaled_dot_product_attention, same inputs and result."""
     gqa = k.shape[1] != q.shape[1]
+    if gqa and not SDPA_SHARES_KV_HEADS:  # torch < 2.5: give every query head its own copy
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        gqa = False
     # SDPA takes a mask or is_causal, and its is_causal aligns the triangle top-left when
     # T != S: fold causality into the mask in both cases.
     if causal and (mask is not None or q.shape[-2] != k.shape[-2]):
@@ -67,7 +74,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, 
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                          is_causal=causal, enable_gqa=gqa)
+                                          is_causal=causal, **({"enable_gqa": True} if gqa else {}))
 
 
 class AttnInputs(NamedTuple):
