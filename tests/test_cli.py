@@ -122,9 +122,12 @@ def test_out_of_range_decode_is_an_error(tmp_path, capsys, trained_tok):
 
 def test_non_utf8_file_is_trained_with_a_count_of_replaced_bytes(tmp_path, capsys):
     src = tmp_path / "latin1.txt"
-    src.write_bytes("café crème brûlée\n".encode("latin-1") * 20)
+    src.write_bytes("café crème brûlée\n".encode("latin-1") * 20)  # 22% of its bytes
     code, out, err = run(capsys, "tokenizer", "train", "--data", str(src), "--vocab-size", "300",
                          "--out", str(tmp_path / "tok.json"))
+    assert code == 1 and "--allow-binary" in err and not (tmp_path / "tok.json").exists()
+    code, out, err = run(capsys, "tokenizer", "train", "--data", str(src), "--vocab-size", "300",
+                         "--out", str(tmp_path / "tok.json"), "--allow-binary")
     assert code == 0
     assert "80 bytes were not valid UTF-8" in err  # 4 Latin-1 bytes per line, 20 lines
 

@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 
+from scratchllm.data import prepare as prepare_module
 from scratchllm.data import registry
 from scratchllm.data.clean import gutenberg_cut, normalize_newlines
 from scratchllm.data.download import download
@@ -24,7 +25,13 @@ from scratchllm.data.loader import (
 )
 from scratchllm.data.prepare import PrepareOptions, prepare
 from scratchllm.data.shards import check_shards, read_meta
-from scratchllm.data.sources import SourceOptions, iter_segments, texts_from_source
+from scratchllm.data.sources import (
+    SEGMENT_CHARS,
+    SourceOptions,
+    iter_segments,
+    sample_texts,
+    texts_from_source,
+)
 from scratchllm.errors import UserError
 from scratchllm.tokenizer import Tokenizer
 
@@ -206,30 +213,116 @@ def test_offline_without_mirror_says_what_to_do(monkeypatch, tmp_path):
         download(file.url, tmp_path / "cache" / file.path, file.sha256, retries=1)
 
 
-def test_hf_source_streams_the_chosen_split_and_field(tmp_path, tok_path, monkeypatch):
-    # No network here: a stand-in `datasets` module records how it is called.
-    calls = []
-    records = [{"text": "First record.\n", "id": 1}, {"text": "Second one.", "id": 2}]
+class FakeDatasets:
+    """A stand-in `datasets` module: records how it is called, streams records lazily.
 
-    def load_dataset(name, config, split, streaming):
-        calls.append((name, config, split, streaming))
+    `revision` is the dataset's current commit, as `load_dataset_builder(...).hash` exposes
+    it; None stands for a `datasets` without `load_dataset_builder`.
+    """
+
+    def __init__(self, records, revision=None):
+        self.records, self.revision, self.calls, self.read = records, revision, [], 0
+        if revision is not None:
+            self.load_dataset_builder = lambda name, config: types.SimpleNamespace(
+                hash=self.revision)
+
+    def load_dataset(self, name, config, split, streaming, **pinned):
+        self.calls.append((name, config, split, streaming, *pinned.values()))
         if name == "missing/set":
             raise FileNotFoundError("Dataset 'missing/set' doesn't exist on the Hub")
-        return iter(records)
+        return self._stream(list(self.records))
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    def _stream(self, records):
+        for record in records:
+            self.read += 1
+            yield record
+
+
+def test_hf_source_streams_the_chosen_split_and_field(tmp_path, tok_path, monkeypatch):
+    # No network here: a stand-in `datasets` module records how it is called.
+    records = [{"text": "First record.\n", "id": 1}, {"text": "Second one.", "id": 2}]
+    fake = FakeDatasets(records)
+    calls = fake.calls
+    monkeypatch.setitem(sys.modules, "datasets", fake)
     segments = list(iter_segments("hf:org/set:en@validation", SourceOptions()))
     assert calls == [("org/set", "en", "validation", True)]
     assert [seg.text for seg in segments] == [r["text"] for r in records]
     meta = prepare(["hf:org/set"], tok_path, tmp_path / "out", PrepareOptions(val_fraction=0))
     assert calls[-1] == ("org/set", None, "train", True) and meta["splits"]["train"][
         "documents"] == 2
+    assert meta["sources"][0]["revision"] is None  # this `datasets` exposes none
     expected = "".join(r["text"] + "<|endoftext|>" for r in records)
     assert decode_file(Tokenizer.load(tok_path), tmp_path / "out" / "train.bin") == expected
     with pytest.raises(UserError, match="record 0: no field 'body'.*--text-field"):
         list(iter_segments("hf:org/set", SourceOptions(text_field="body")))
     with pytest.raises(UserError, match="cannot open HF dataset 'missing/set'"):
         list(iter_segments("hf:missing/set", SourceOptions()))
+
+
+def test_hf_revision_is_in_the_prepare_key(tmp_path, tok_path, monkeypatch):
+    fake = FakeDatasets([{"text": "old text"}], revision="r1")
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    out, options = tmp_path / "out", PrepareOptions(val_fraction=0)
+    meta = prepare(["hf:org/set:en"], tok_path, out, options)
+    assert meta["sources"][0]["revision"] == "r1"
+    assert fake.calls == [("org/set", "en", "train", True, "r1")]  # streamed at that revision
+    assert prepare(["hf:org/set:en"], tok_path, out, options)["up_to_date"] is True
+    fake.revision, fake.records = "r2", [{"text": "new text"}]  # the dataset changed remotely
+    again = prepare(["hf:org/set:en"], tok_path, out, options)
+    assert again["up_to_date"] is False and again["sources"][0]["revision"] == "r2"
+    assert fake.calls[-1] == ("org/set", "en", "train", True, "r2")
+    tok = Tokenizer.load(tok_path)
+    assert decode_file(tok, out / "train.bin") == "new text<|endoftext|>"
+
+
+# --- tokenizer training's character budget --------------------------------------------------
+def test_tokenizer_train_samples_a_budget_across_an_hf_stream(tmp_path, monkeypatch, capsys):
+    from scratchllm.cli import main
+
+    records = [{"text": f"record {i:03d} " + "word " * 18} for i in range(300)]  # 101 chars
+    fake = FakeDatasets(records)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    seen = []
+    train = Tokenizer.train.__func__
+
+    def recording_train(cls, texts, *args, **kwargs):
+        seen.extend(texts)
+        return train(cls, seen, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "train", classmethod(recording_train))
+    out = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--data", "hf:org/big", "--max-chars", "3000",
+                 "--vocab-size", "270", "--out", str(out)]) == 0
+    assert out.is_file() and fake.read == 300  # the whole stream was read, once
+    assert 2700 < sum(map(len, seen)) <= 3000  # about 29 of the 300 records
+    taken = [int(text.split()[1]) for text in seen]
+    assert taken == sorted(taken) and len(set(taken)) == len(seen)
+    assert min(sum(i // 100 == third for i in taken) for third in range(3)) >= 4  # spread
+    assert "sampled evenly from 30,300 characters" in capsys.readouterr().err
+
+
+def test_budget_sampling_of_local_files(tmp_path, data):
+    # Within the budget: the documents themselves, unchanged, long ones whole.
+    sources = [str(data / "the-verdict" / "the-verdict.txt"), "gutenberg"]
+    everything = [t for source in sources for t in texts_from_source(source)]
+    texts, total = sample_texts(sources, max_chars=10**9)
+    assert texts == everything and total == sum(map(len, everything))
+    # Over it: at most the budget, from all over the corpus, whole pieces in stream order.
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"{i:02d}.txt").write_text(f"file{i:02d} " * 100)  # 700 characters
+    texts, total = sample_texts([str(corpus)], max_chars=7_000)
+    assert total == 28_000 and 6_000 < sum(map(len, texts)) <= 7_000
+    files = [int(t[4:6]) for t in texts]
+    assert all(t == f"file{i:02d} " * 100 for t, i in zip(texts, files, strict=True))
+    assert files == sorted(files) and min(files) < 10 and max(files) >= 30
+    assert sample_texts([str(corpus)], max_chars=7_000) == (texts, total)  # deterministic
+    # A record longer than a segment is cut like a document, so it can be sampled in part.
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": "word " * 20_000}) + "\n")
+    texts, total = sample_texts([str(tmp_path / "long.jsonl")], max_chars=30_000)
+    assert total == 100_000 and 20_000 < sum(map(len, texts)) <= 30_000
+    assert all(len(t) <= 2 * SEGMENT_CHARS or "word word" in t for t in texts)
 
 
 # --- prepare ----------------------------------------------------------------------------------
@@ -352,10 +445,53 @@ def test_dedup_and_empty_documents(tmp_path, tok_path):
     assert decode_file(tok, tmp_path / "o" / "train.bin") == "same<|endoftext|>other<|endoftext|>"
 
 
+@pytest.mark.parametrize("held_in_memory", [True, False])
+def test_dedup_drops_long_duplicate_documents(tmp_path, tok_path, monkeypatch, held_in_memory):
+    if not held_in_memory:  # a long document waiting for its hash goes to a temp file
+        monkeypatch.setattr(prepare_module, "HOLD_MEMORY_BYTES", 1_000)
+    line = "Now is the winter of our discontent made glorious summer.\n"
+    long_a, long_b = line * 160, line.upper() * 160  # 9 KB: several segments each
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, text in [("1.txt", long_a), ("2.txt", long_b), ("3.txt", long_a),
+                       ("4.txt", long_a[:-1]), ("5.txt", long_b)]:
+        (src / name).write_text(text)
+    assert len(list(iter_segments(str(src / "1.txt")))) > 2
+    meta = prepare([str(src)], tok_path, tmp_path / "o", PrepareOptions(val_fraction=0,
+                                                                         dedup=True))
+    assert meta["stats"]["duplicates_dropped"] == 2 and meta["splits"]["train"]["documents"] == 3
+    tok = Tokenizer.load(tok_path)
+    expected = "".join(t + "<|endoftext|>" for t in (long_a, long_b, long_a[:-1]))
+    assert decode_file(tok, tmp_path / "o" / "train.bin") == expected
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "meta.json", "tokenizer.json", "train.bin", "val.bin"]
+
+
+def test_val_docs_counts_documents_not_segments(tmp_path, tok_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = [f"Document {i} begins here.\n" + f"Line {i} of a long text.\n" * 400
+            for i in range(4)]  # about 10,000 characters each: several segments
+    for i, doc in enumerate(docs):
+        (src / f"{i}.txt").write_text(doc)
+    meta = prepare([str(src)], tok_path, tmp_path / "o", PrepareOptions(val_docs=2))
+    val, train = meta["splits"]["val"], meta["splits"]["train"]
+    assert val["documents"] == 2 and train["documents"] == 2
+    assert val["segments"] > 2 and train["segments"] > 2
+    tok = Tokenizer.load(tok_path)
+    assert decode_file(tok, tmp_path / "o" / "val.bin") == "".join(
+        d + "<|endoftext|>" for d in docs[:2])
+    assert decode_file(tok, tmp_path / "o" / "train.bin") == "".join(
+        d + "<|endoftext|>" for d in docs[2:])
+
+
 def test_uint32_for_large_vocabularies(tmp_path, gpt2_tok):
     from scratchllm.data.shards import dtype_for
 
     assert dtype_for(gpt2_tok.vocab_size) == np.uint16 and dtype_for(70_000) == np.uint32
+
+
+BINARY = bytes(range(1, 256)) * 40  # no NUL byte at all, half the bytes not UTF-8
 
 
 @pytest.mark.parametrize(
@@ -364,7 +500,9 @@ def test_uint32_for_large_vocabularies(tmp_path, gpt2_tok):
         ({"x.jsonl": '{"text": "ok"}\n{oops\n'}, r"x.jsonl:2: not valid JSON"),
         ({"x.jsonl": '{"text": "ok"}\n{"body": "no"}\n'}, r"x.jsonl:2: no field 'text'"),
         ({"x.txt": "   \n\n"}, "empty after cleaning"),
-        ({"x.txt": b"\x7fELF\x00\x00binary"}, "binary"),
+        ({"x.txt": b"\x7fELF\x00\x00binary"}, "x.txt looks like a binary file"),
+        ({"a.txt": "fine text", "x.txt": BINARY},
+         r"x.txt looks like a binary file \(or text not in UTF-8\): more than 1%"),
         ({}, "no readable files"),
     ],
 )
@@ -374,16 +512,53 @@ def test_bad_corpora(tmp_path, tok_path, files, match):
     for name, content in files.items():
         path = src / name
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    out = tmp_path / "out"
     with pytest.raises(UserError, match=match):
-        prepare([str(src)], tok_path, tmp_path / "out")
-    assert not (tmp_path / "out" / "meta.json").exists()
-    assert not list((tmp_path / "out").glob(".*")) if (tmp_path / "out").exists() else True
+        prepare([str(src)], tok_path, out)
+    # Refused while listing the sources: nothing made. While reading: an empty directory,
+    # every temp file removed.
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == (
+        None if match == "no readable files" else [])
 
 
 def test_undecodable_bytes_are_counted(tmp_path, tok_path):
-    (tmp_path / "l.txt").write_bytes("naïve café\n".encode("latin-1") * 5)
+    text = "naïve café\n" + "plain English text, line after line.\n" * 50  # 1,962 bytes
+    (tmp_path / "l.txt").write_bytes(text.encode("latin-1"))  # two bytes (0.1%) not UTF-8
     meta = prepare([str(tmp_path / "l.txt")], tok_path, tmp_path / "o")
-    assert meta["stats"]["replaced_bytes"] == 10
+    assert meta["stats"]["replaced_bytes"] == 2
+
+
+@pytest.mark.parametrize("name", ["x.txt", "x.txt.gz"])
+def test_mostly_binary_file_is_refused_unless_allowed(tmp_path, tok_path, name):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("some text\n")
+    # 2% of the bytes are not UTF-8, none of them in the first 8 KB
+    content = b"x" * 9_800 + b"\xff" * 200
+    (src / name).write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    with pytest.raises(UserError, match=rf"{name} looks like a binary file .*: more than 1% of "
+                                        r"its 10,000 bytes .*--allow-binary"):
+        prepare([str(src)], tok_path, tmp_path / "o")
+    with pytest.raises(UserError, match="looks like a binary file"):
+        list(texts_from_source(str(src)))
+    meta = prepare([str(src)], tok_path, tmp_path / "o", PrepareOptions(val_fraction=0,
+                                                                        allow_binary=True))
+    assert meta["stats"]["replaced_bytes"] == 200
+    tok = Tokenizer.load(tok_path)
+    assert decode_file(tok, tmp_path / "o" / "train.bin") == (
+        "some text\n<|endoftext|>" + "x" * 9_800 + "\ufffd" * 200 + "<|endoftext|>")
+
+
+def test_allow_binary_flags(tmp_path, tok_path, capsys):
+    from scratchllm.cli import main
+
+    (tmp_path / "b.txt").write_bytes(BINARY)
+    for command in (["prepare", "--tokenizer", str(tok_path), "--out", str(tmp_path / "o")],
+                    ["tokenizer", "train", "--vocab-size", "260", "--out", str(tmp_path / "t")]):
+        assert main([*command, "--data", str(tmp_path / "b.txt")]) == 1
+        assert "b.txt looks like a binary file" in capsys.readouterr().err
+        assert main([*command, "--data", str(tmp_path / "b.txt"), "--allow-binary"]) == 0
+    assert read_meta(tmp_path / "o")["stats"]["replaced_bytes"] == 128 * 40
 
 
 # --- loaders ----------------------------------------------------------------------------------

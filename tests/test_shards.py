@@ -104,6 +104,18 @@ def test_output_inside_a_source_dir_is_not_read_back(corpus, tok_file):
     assert again["up_to_date"] is True and again["key"] == first["key"]
     read = [Path(f["path"]).name for s in again["sources"] for f in s["files"]]
     assert read == ["a.txt", "b.txt"]
+    # Nothing under the output directory is a source, whatever it is called.
+    (out / "notes.md").write_text("my notes on this run")
+    (out / "old").mkdir()
+    (out / "old" / "train.jsonl").write_text('{"text": "an older copy"}\n')
+    third = prepare([str(corpus)], tok_file, out, PrepareOptions(val_fraction=0))
+    assert third["up_to_date"] is True and third["key"] == first["key"]
+    # The output directory as a source, or inside one given as a source: an error up front.
+    for source in (out, out / "old", out / "notes.md"):
+        with pytest.raises(UserError, match="is inside the output directory"):
+            prepare([str(source)], tok_file, out)
+    forced = prepare([str(corpus)], tok_file, out, PrepareOptions(val_fraction=0), force=True)
+    assert forced["up_to_date"] is False and forced["splits"]["train"]["documents"] == 2
 
 
 def test_loader_imports_the_shard_format_not_the_pipeline():

@@ -17,6 +17,7 @@ from scratchllm.tokenizer import (
     load_tokenizer,
     pretokenize,
 )
+from scratchllm.tokenizer.bytelevel import bytes_to_str
 from scratchllm.tokenizer.pretokenize import count_chunks, split_chunks
 from scratchllm.tokenizer.train import train_bpe
 from tests.conftest import shared_corpora
@@ -130,14 +131,27 @@ def test_round_trip_odd_strings(trained_tok, gpt2_tok, text):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=1023), max_size=40))
 def test_decoding_any_ids_never_raises(trained_tok, ids):
+    # The bytes are the tokens' own, one after another (specials as their names).
+    names = {i: name.encode() for name, i in trained_tok.special_tokens.items()}
+    raw = b"".join(names[i] if i in names else trained_tok.vocab[i] for i in ids)
+    assert trained_tok.decode_bytes(ids) == raw
     text = trained_tok.decode(ids)
-    assert isinstance(text, str)
+    assert text == raw.decode("utf-8", errors="replace")
+    assert "".join(trained_tok.decode_stream(ids)) == text
+    # Decoded text encodes back to ids that decode to the same text (the ids may differ:
+    # random ids are seldom the encoder's choice).
+    assert trained_tok.decode(trained_tok.encode(text, allowed_special="all")) == text
 
 
 def test_incomplete_utf8_becomes_replacement_char(trained_tok):
-    ids = trained_tok.encode("é")  # two bytes, two byte tokens in a small vocab
+    # tinyshakespeare is ASCII: non-ASCII characters are their byte tokens, ids = byte values.
+    ids = trained_tok.encode("é")
     euro = trained_tok.encode("€")
-    assert trained_tok.decode(euro[:1]) == "\ufffd" or len(euro) == 1
+    assert ids == [0xC3, 0xA9] and euro == [0xE2, 0x82, 0xAC]
+    assert trained_tok.decode(euro[:1]) == "\ufffd"
+    assert trained_tok.decode(euro[:2]) == "\ufffd"  # one replacement for a cut sequence
+    assert trained_tok.decode(euro[1:]) == "\ufffd\ufffd"  # two stray continuation bytes
+    assert trained_tok.decode(euro[:2] + ids) == "\ufffdé"
     assert trained_tok.decode(ids + euro) == "é€"
     assert list(trained_tok.decode_stream(trained_tok.encode("日本🙂"))) == ["日", "本", "🙂"]
 
@@ -273,6 +287,78 @@ def test_corrupt_tokenizer_files(tmp_path, content, match):
     path.write_text(content)
     with pytest.raises(UserError, match=match):
         load_tokenizer(path)
+
+
+def bpe_file(tmp_path, vocab: list[bytes], merges: list[tuple[int, int]]):
+    """A tokenizer file with this vocabulary and these merges (no checks on the way)."""
+    data = {"format": "scratchllm-tokenizer", "version": 1, "type": "bpe",
+            "pattern": GPT4_PATTERN, "special_tokens": {"<|endoftext|>": len(vocab)},
+            "vocab": [bytes_to_str(t) for t in vocab], "merges": [list(m) for m in merges]}
+    path = tmp_path / "tok.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+BYTES = [bytes([b]) for b in range(256)]
+A, B, C = ord("a"), ord("b"), ord("c")
+
+
+@pytest.mark.parametrize(
+    "vocab, merges, match",
+    [
+        # byte "q" replaced by a longer token: tiktoken used to panic on any "q" in the text
+        ([*BYTES[:ord("q")], b"qu", *BYTES[ord("q") + 1:]], [],
+         r"lacks 1 of the 256 single-byte tokens \(0x71\)"),
+        (BYTES[:200], [], r"lacks 56 of the 256 single-byte tokens \(0xc8, 0xc9, .*, \.\.\.\)"),
+        ([*BYTES, b"ab", b"ab"], [(A, B)], r"duplicate tokens: 256 and 257 are both b'ab'"),
+        # "abc" (256) is made from "ab", ranked after it: ranks are not the merge order
+        ([*BYTES, b"abc", b"ab"], [(A, B), (257, C)], r"token 256 \(b'abc'\) is not made by "
+         "merging two tokens ranked before it"),
+        ([*BYTES, b"xy"], [], r"token 256 \(b'xy'\) is not made by merging"),
+        ([*BYTES, b"ab"], [(A, B), (A, C)], r"merge 1 \(97, 99\) makes no token"),
+        ([*BYTES, b"ab"], [(A, 300)], r"merge 0 \(97, 300\) names an id outside the vocabulary"),
+    ],
+)
+def test_inconsistent_vocabulary_is_refused_at_load(tmp_path, vocab, merges, match):
+    path = bpe_file(tmp_path, vocab, merges)
+    with pytest.raises(UserError, match=match) as error:
+        load_tokenizer(path)
+    assert "\n" not in str(error.value) and "re-create it" in str(error.value)
+
+
+def test_consistent_vocabularies_load(tmp_path, gpt2_tok):
+    tok = load_tokenizer(bpe_file(tmp_path, [*BYTES, b"ab", b"abc"], [(A, B), (256, C)]))
+    assert tok.encode("abc ab") == [257, 32, 256]
+    # a second merge reaching a token already made (as training can record) is fine
+    tok = load_tokenizer(bpe_file(tmp_path, [*BYTES, b"ab", b"bc", b"abc"],
+                                  [(A, B), (B, C), (256, C), (A, 257)]))
+    assert tok.encode("abc") == [258]
+    assert len(gpt2_tok.vocab) == 50256  # GPT-2's files pass the same checks
+
+
+def test_missing_byte_token_is_one_error_line_not_a_rust_panic(tmp_path, capsys):
+    from scratchllm.cli import main
+
+    path = bpe_file(tmp_path, [*BYTES[:ord("q")], b"qu", *BYTES[ord("q") + 1:]], [])
+    assert main(["tokenizer", "encode", "--tokenizer", str(path), "--text", "Iraq"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1
+    assert "single-byte tokens" in err and "panicked" not in err
+
+
+def test_tiktoken_failures_are_user_errors():
+    # tiktoken's regex engine gives up on a million spaces (ValueError, or a Rust panic from
+    # encode_ordinary) and on a pattern that backtracks too much (a panic): never a
+    # BaseException with a Rust backtrace, always a UserError.
+    plain = Tokenizer(BYTES, [])
+    backtracking = Tokenizer(BYTES, [], pattern=r"(?:a(?=a)|a)+b")
+    for tok, text in ((plain, " " * 1_000_000), (backtracking, "a" * 5000)):
+        for encode in (tok.encode, tok.encode_ordinary, tok.encode_array,
+                       lambda t, tok=tok: tok.encode_batch([t])):
+            with pytest.raises(UserError, match="tiktoken failed to encode the text"):
+                encode(text)
+    with pytest.raises(UserError, match="tiktoken cannot use the tokenizer's pattern"):
+        Tokenizer(BYTES, [], pattern=r"(?P<x").encode("a")
 
 
 def test_truncated_tokenizer_file(tmp_path, trained_tok):

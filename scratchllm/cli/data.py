@@ -21,7 +21,8 @@ def register_prepare(commands) -> None:
     split = p.add_mutually_exclusive_group()
     split.add_argument("--val-fraction", type=float, default=0.1,
                        help="fraction of documents for validation (default 0.1)")
-    split.add_argument("--val-docs", type=int, help="instead: the first N documents")
+    split.add_argument("--val-docs", type=int, metavar="N",
+                       help="instead: the first N documents (whole, however long)")
     p.add_argument("--text-field", default="text",
                    help="field holding the text in JSON/JSONL/Parquet records (default: text)")
     p.add_argument("--include", action="append", default=[], metavar="GLOB",
@@ -29,6 +30,9 @@ def register_prepare(commands) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="skip files matching (repeatable)")
     p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
+    p.add_argument("--allow-binary", action="store_true",
+                   help="read files that look binary anyway (NUL bytes near the start, or more "
+                        "than 1%% of bytes not UTF-8); bad bytes become U+FFFD")
     p.add_argument("--keep-gutenberg-boilerplate", action="store_true",
                    help="keep Project Gutenberg headers and footers")
     p.add_argument("--threads", type=int, default=None,
@@ -56,7 +60,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     options = PrepareOptions(val_fraction=args.val_fraction, val_docs=args.val_docs,
                              text_field=args.text_field, include=args.include,
                              exclude=args.exclude, dedup=args.dedup,
-                             strip_gutenberg=not args.keep_gutenberg_boilerplate)
+                             strip_gutenberg=not args.keep_gutenberg_boilerplate,
+                             allow_binary=args.allow_binary)
     if args.threads:
         options.threads = args.threads
     meta = prepare(args.data, args.tokenizer, args.out, options, force=args.force,

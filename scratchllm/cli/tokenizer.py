@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from scratchllm.cli.common import command_group, load_texts, read_text
+from scratchllm.cli.common import command_group, load_texts, read_text, sample_corpus
 from scratchllm.errors import UserError
 
 
@@ -16,8 +16,8 @@ def register(commands) -> None:
     p = sub.add_parser("train", help="train a byte-level BPE (or character) tokenizer",
                        description="Train a tokenizer on a corpus and save it as JSON.")
     p.add_argument("--data", action="append", required=True, metavar="SOURCE",
-                   help="'shakespeare' (the default corpus), a text file, or a directory of "
-                        ".txt/.md files; repeat to combine")
+                   help="'shakespeare' (the default corpus), a file, a directory, a dataset name "
+                        "or hf:NAME[:CONFIG][@SPLIT], as for prepare; repeat to combine")
     p.add_argument("--vocab-size", type=int, default=4096,
                    help="total ids, special tokens included (default 4096; ignored by --char)")
     p.add_argument("--out", required=True, type=Path, help="tokenizer JSON file to write")
@@ -27,6 +27,13 @@ def register(commands) -> None:
                    help="extra special token, e.g. '<|user|>' (repeatable); <|endoftext|>, "
                         "<|pad|> and <|unk|> are always added")
     p.add_argument("--char", action="store_true", help="train a character-level tokenizer")
+    p.add_argument("--max-chars", type=int, default=100_000_000, metavar="N",
+                   help="train on at most N characters of text (default 100,000,000, about "
+                        "100 MB), sampled evenly across the whole corpus, which is read once; "
+                        "memory stays at about this much text")
+    p.add_argument("--allow-binary", action="store_true",
+                   help="read files that look binary anyway (NUL bytes near the start, or more "
+                        "than 1%% of bytes not UTF-8); bad bytes become U+FFFD")
     p.add_argument("--workers", type=int, default=None,
                    help="processes for chunk counting (default: all cores)")
     p.set_defaults(handler=cmd_tokenizer_train)
@@ -87,9 +94,9 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
     if not args.char:
         Tokenizer.check_vocab_size(args.vocab_size, args.special)  # before the slow part
-    texts = load_texts(args.data)
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    print(f"training on {len(texts)} documents, {n_bytes / 1e6:.2f} MB", file=sys.stderr)
+    texts, sampled = sample_corpus(args.data, args.max_chars, args.allow_binary)
+    n_bytes = sum(len(t.encode("utf-8", errors="surrogatepass")) for t in texts)
+    print(f"training on {len(texts)} texts, {n_bytes / 1e6:.2f} MB{sampled}", file=sys.stderr)
     if args.char:
         tok = CharTokenizer.train(texts, special_tokens=args.special)
     else:

@@ -49,11 +49,26 @@ class Deduplicator:
         self.seen: set[bytes] = set()
         self.dropped = 0
 
+    @staticmethod
+    def hasher() -> "hashlib._Hash":
+        """A fresh hash to feed a document's text to, piece by piece (see utf8)."""
+        return hashlib.blake2b(digest_size=16)
+
     def is_new(self, text: str) -> bool:
         """True the first time a text is seen."""
-        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        digest = self.hasher()
+        digest.update(utf8(text))
+        return self.is_new_digest(digest.digest())
+
+    def is_new_digest(self, digest: bytes) -> bool:
+        """True the first time a document's digest (from `hasher`) is seen."""
         if digest in self.seen:
             self.dropped += 1
             return False
         self.seen.add(digest)
         return True
+
+
+def utf8(text: str) -> bytes:
+    """text as UTF-8, lone surrogates (possible in JSON records) included."""
+    return text.encode("utf-8", errors="surrogatepass")

@@ -58,7 +58,8 @@ class RandomWindows:
         self.seed, self.rank, self.step = seed, rank, 0
         n = len(tokens)
         self.lo, self.hi = rank * n // world_size, (rank + 1) * n // world_size
-        _check_length(self.hi - self.lo, context_length, f"rank {rank}'s part of the data")
+        part = "these tokens" if world_size == 1 else f"rank {rank}'s part of these tokens"
+        _check_length(self.hi - self.lo, context_length, part)
         last_start = self.hi - (context_length + 1)
         self.starts: np.ndarray | None = None
         if align_to_documents:

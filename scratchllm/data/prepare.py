@@ -6,19 +6,26 @@ the tokenizer's fingerprint, every source file with its sha256, the options).
 
 The split is by document: document (or long-document segment) number i goes to val when
 floor((i + 1) * f + 1/2) > floor(i * f + 1/2), which spreads exactly a fraction f of them
-evenly through the corpus, deterministically, without knowing the total in advance.
+evenly through the corpus, deterministically, without knowing the total in advance. With
+`val_docs` N instead, the first N documents go to val, each whole however long.
 
 Memory stays bounded: segments stream from the sources, are encoded in groups of a few
 hundred on a thread pool (one tiktoken call per group; its Rust core releases the GIL, so
 threads run in parallel without the cost of shipping text and tokens between processes) and
 appended to temp files that are renamed into place at the end, so a crash leaves the previous
-output intact.
+output intact. With `dedup`, a document of several segments waits until its end, when the
+hash of its whole text decides whether it is kept: in memory up to HOLD_MEMORY_BYTES, then in
+a temp file.
+
+Nothing under the output directory is ever read as a source, so it may lie inside a source
+directory and a rerun finds its inputs unchanged.
 """
 
 import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -29,7 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from scratchllm.data import registry
-from scratchllm.data.clean import Deduplicator, gutenberg_cut, is_gutenberg, normalize_newlines
+from scratchllm.data.clean import (
+    Deduplicator,
+    gutenberg_cut,
+    is_gutenberg,
+    normalize_newlines,
+    utf8,
+)
 from scratchllm.data.download import sha256_file
 from scratchllm.data.shards import (
     META_FILE,
@@ -47,15 +60,22 @@ from scratchllm.data.sources import (
     SEGMENT_CHARS,
     Segment,
     SourceOptions,
+    hf_revision,
+    is_inside,
     iter_all,
     no_files_message,
     source_files,
 )
 from scratchllm.errors import UserError
 from scratchllm.tokenizer import ENDOFTEXT, BaseTokenizer, load_tokenizer
+from scratchllm.tokenizer.bpe import tiktoken_errors
 
 # Bump when the same inputs would give different shards (cleaning, segmenting, format).
-PIPELINE_VERSION = 2
+# 3: --dedup compares whole documents, --val-docs counts documents (both were per segment).
+PIPELINE_VERSION = 3
+# With --dedup, a long document is held until its end (its hash decides whether it is kept):
+# in memory up to this many bytes, then in a temp file.
+HOLD_MEMORY_BYTES = 64 << 20
 
 
 @dataclass
@@ -69,6 +89,7 @@ class PrepareOptions:
     exclude: Sequence[str] = ()
     dedup: bool = False
     strip_gutenberg: bool = True
+    allow_binary: bool = False  # read files that look binary anyway (see SourceOptions)
     # One more encoding thread than cores: the main thread (reading, cleaning, writing) is
     # mostly waiting, and the extra worker fills the cores while it works (measured +35%).
     threads: int = field(default_factory=lambda: (os.cpu_count() or 1) + 1)
@@ -76,6 +97,7 @@ class PrepareOptions:
     def key_fields(self) -> dict:
         data = asdict(self)
         data.pop("threads")  # does not change the output
+        data.pop("allow_binary")  # only lets a run go ahead that would otherwise stop
         data["include"], data["exclude"] = list(self.include), list(self.exclude)
         return data
 
@@ -83,12 +105,11 @@ class PrepareOptions:
 def _source_options(options: PrepareOptions, out_dir: str | Path | None = None
                     ) -> SourceOptions:
     """How prepare reads its sources; never the files it writes itself into out_dir."""
-    skip: frozenset[Path] = frozenset()
-    if out_dir is not None:
-        # An output directory inside a source directory must not read its own JSON files
-        # (meta.json, the tokenizer copy) back as documents on the next run.
-        skip = frozenset((Path(out_dir) / name).resolve() for name in (META_FILE, TOKENIZER_FILE))
-    return SourceOptions(options.text_field, options.include, options.exclude, skip_files=skip)
+    # An output directory inside a source directory must not be read back as documents on
+    # the next run: not meta.json or the tokenizer copy, nor anything else put there.
+    skip = (Path(out_dir).resolve(),) if out_dir is not None else ()
+    return SourceOptions(options.text_field, options.include, options.exclude, skip_dirs=skip,
+                         allow_binary=options.allow_binary)
 
 
 def describe_sources(sources: Sequence[str], options: PrepareOptions,
@@ -105,9 +126,15 @@ def describe_sources(sources: Sequence[str], options: PrepareOptions,
                 files = [{"path": p.name, "sha256": sha256_file(p)} for p in play_files()]
             described.append({"source": source, "kind": "dataset", "files": files})
         elif source.startswith("hf:"):
-            described.append({"source": source, "kind": "huggingface", "files": []})
+            # The revision puts a changed remote dataset in the key. None when `datasets`
+            # exposes none: then the dataset is taken as unchanged (--force re-reads it).
+            described.append({"source": source, "kind": "huggingface", "files": [],
+                              "revision": hf_revision(source)})
         else:
             path = Path(source)
+            if source_options.skip_dirs and is_inside(path, source_options.skip_dirs):
+                raise UserError(f"data source {source} is inside the output directory, where "
+                                "prepare writes: choose an --out outside it")
             if path.is_dir():
                 paths = list(source_files(path, source_options))
             elif path.is_file():
@@ -138,6 +165,8 @@ def prepare(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | P
     fingerprint = tok.fingerprint()  # hashes the whole vocabulary: once
     source_options = _source_options(options, out_dir)
     described = describe_sources(sources, options, source_options)
+    source_options.revisions = {d["source"]: d["revision"] for d in described
+                                if d.get("revision")}  # read what the key describes
     key_content = {"sources": described, "tokenizer": fingerprint,
                    "options": options.key_fields(), "pipeline": PIPELINE_VERSION,
                    "segment_chars": SEGMENT_CHARS}
@@ -218,8 +247,20 @@ def _tokenizer_copy_ok(out_dir: Path, meta: dict, fingerprint: str) -> bool:
 def _clean_units(segments: Iterator[Segment], options: PrepareOptions, stats: dict
                  ) -> Iterator[tuple[str, str, bool]]:
     """(text, split, ends a document) for every kept segment, cleaned and assigned a split."""
-    dedup = Deduplicator() if options.dedup else None
-    unit = 0
+    units = _cleaned(segments, options, stats)
+    if options.dedup:
+        units = _deduplicated(units, stats)
+    unit = document = 0  # kept segments and kept documents so far
+    for text, last in units:
+        stats["segments"] += 1
+        yield text, _split_of(unit, document, options), last
+        unit += 1
+        document += last
+
+
+def _cleaned(segments: Iterator[Segment], options: PrepareOptions, stats: dict
+             ) -> Iterator[tuple[str, bool]]:
+    """(text, ends a document) for the segments left after cleaning; empty documents dropped."""
     first = True  # the next segment starts a document
     gutenberg = ended = False  # this document has Gutenberg markers / its END was passed
     for segment in segments:
@@ -239,18 +280,72 @@ def _clean_units(segments: Iterator[Segment], options: PrepareOptions, stats: di
         if whole and not text.strip():
             stats["empty_dropped"] += 1  # an empty or all-whitespace document
             continue
-        if whole and dedup is not None and not dedup.is_new(text):
-            stats["duplicates_dropped"] += 1
-            continue
         if text or segment.last:
-            stats["segments"] += 1
-            yield text, _split_of(unit, options), segment.last
-            unit += 1
+            yield text, segment.last
 
 
-def _split_of(unit: int, options: PrepareOptions) -> str:
+def _deduplicated(units: Iterator[tuple[str, bool]], stats: dict
+                  ) -> Iterator[tuple[str, bool]]:
+    """The units of documents whose whole text was not seen before (compared by hash).
+
+    A document in one segment is decided at once. A longer one is held (in memory, then in a
+    temp file) until its last segment gives the hash of its whole text.
+    """
+    dedup = Deduplicator()
+    digest = dedup.hasher()
+    held: _HeldDocument | None = None
+    try:
+        for text, last in units:
+            digest.update(utf8(text))
+            if held is None and not last:
+                held = _HeldDocument()
+            if held is not None:
+                held.add(text)
+            if not last:
+                continue
+            if dedup.is_new_digest(digest.digest()):
+                yield from held.replay() if held is not None else [(text, True)]
+            else:
+                stats["duplicates_dropped"] += 1
+            if held is not None:
+                held.close()
+                held = None
+            digest = dedup.hasher()
+    finally:
+        if held is not None:  # stopped by an error: delete the temp file now
+            held.close()
+
+
+class _HeldDocument:
+    """A long document's cleaned segments until its end: in memory, then in a temp file."""
+
+    def __init__(self) -> None:
+        # newline="" keeps every character as it is; surrogatepass, any str at all.
+        self.file = tempfile.SpooledTemporaryFile(max_size=HOLD_MEMORY_BYTES, mode="w+",
+                                                  encoding="utf-8", errors="surrogatepass",
+                                                  newline="")
+        self.lengths: list[int] = []
+
+    def add(self, text: str) -> None:
+        """Append a segment."""
+        self.file.write(text)
+        self.lengths.append(len(text))
+
+    def replay(self) -> Iterator[tuple[str, bool]]:
+        """The segments again, as (text, ends the document)."""
+        self.file.seek(0)
+        for i, length in enumerate(self.lengths):
+            yield self.file.read(length), i == len(self.lengths) - 1
+
+    def close(self) -> None:
+        """Free the memory or delete the temp file."""
+        self.file.close()
+
+
+def _split_of(unit: int, document: int, options: PrepareOptions) -> str:
+    """Unit number `unit`, part of kept document number `document`, goes to which split."""
     if options.val_docs is not None:
-        return "val" if unit < options.val_docs else "train"
+        return "val" if document < options.val_docs else "train"
     f = options.val_fraction
     return "val" if int((unit + 1) * f + 0.5) > int(unit * f + 0.5) else "train"
 
@@ -337,8 +432,9 @@ def _encode_separated(tok: BaseTokenizer, texts: list[str]) -> tuple[np.ndarray,
     if fast is not None:
         joined = ENDOFTEXT.join(texts) + ENDOFTEXT
         if joined.count(ENDOFTEXT) == len(texts):
-            ids = fast.encode_to_numpy(joined, allowed_special={ENDOFTEXT},
-                                       disallowed_special=())
+            with tiktoken_errors():
+                ids = fast.encode_to_numpy(joined, allowed_special={ENDOFTEXT},
+                                           disallowed_special=())
             seps = np.flatnonzero(ids == tok.eot_id)
             if len(seps) == len(texts):  # each separator became <|endoftext|>, nothing else did
                 return ids, seps

@@ -7,16 +7,20 @@ whole document.
 
 Non-UTF-8 input: invalid bytes are replaced with U+FFFD and counted (a warning names the file
 and the count); training on a few bad bytes beats refusing a large corpus. A file with NUL
-bytes near its start is taken to be binary and refused.
+bytes near its start, or with more than 1% of its bytes invalid, is taken to be binary and
+refused, unless `SourceOptions.allow_binary` says to read it anyway.
 """
 
 import bz2
 import codecs
 import fnmatch
 import gzip
+import heapq
 import io
 import json
 import lzma
+import os
+import random
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +35,13 @@ COMPRESSED_SUFFIXES = (".gz", ".zst", ".bz2", ".xz")
 # Long documents are cut into segments of about this size: for bounded memory, and so that
 # the train/val split (by segment) can give a one-file corpus a validation part.
 SEGMENT_CHARS = 2_000
+# A file with more than this fraction of its bytes not valid UTF-8 is binary, not text with
+# a few bad bytes (text in Latin-1 with many accented letters is refused too; the error says
+# how to read it anyway).
+MAX_REPLACED_FRACTION = 0.01
+# What tokenizer training reads by default: plenty for a BPE of any usual size, and bounded
+# memory whatever the source (100 MB of text).
+DEFAULT_MAX_CHARS = 100_000_000
 
 
 @dataclass
@@ -50,8 +61,13 @@ class SourceOptions:
     include: Sequence[str] = ()
     exclude: Sequence[str] = ()
     stats: dict[str, int] = field(default_factory=lambda: {"replaced_bytes": 0})
-    # Resolved paths a directory listing never yields (prepare's own output files).
-    skip_files: frozenset[Path] = frozenset()
+    # Resolved directories a directory listing never enters (prepare's output directory).
+    skip_dirs: tuple[Path, ...] = ()
+    # Read files that look binary anyway, as UTF-8 with U+FFFD for the bad bytes.
+    allow_binary: bool = False
+    # hf: source -> the dataset revision (commit) to stream, so that what is read is what a
+    # key computed from that revision describes.
+    revisions: dict[str, str] = field(default_factory=dict)
 
 
 def iter_segments(source: str, options: SourceOptions | None = None) -> Iterator[Segment]:
@@ -93,12 +109,16 @@ def texts_from_source(source: str, options: SourceOptions | None = None) -> Iter
 
 def source_files(directory: Path, options: SourceOptions) -> Iterator[Path]:
     """Readable files under a directory, recursively, sorted, filtered by the globs."""
-    skip_names = {p.name for p in options.skip_files}  # resolve() only the few that may match
+    skipped: dict[Path, bool] = {}  # parent directory -> inside a skipped one (resolved once)
     for path in sorted(directory.rglob("*")):
         if not path.is_file() or path.name.startswith("."):
             continue
-        if path.name in skip_names and path.resolve() in options.skip_files:
-            continue
+        if options.skip_dirs:
+            inside = skipped.get(path.parent)
+            if inside is None:
+                inside = skipped[path.parent] = is_inside(path.parent, options.skip_dirs)
+            if inside:
+                continue
         rel = path.relative_to(directory).as_posix()
         if base_suffix(path) not in TEXT_SUFFIXES + RECORD_SUFFIXES:
             continue
@@ -107,6 +127,12 @@ def source_files(directory: Path, options: SourceOptions) -> Iterator[Path]:
         if any(_match(rel, g) for g in options.exclude):
             continue
         yield path
+
+
+def is_inside(path: Path, directories: Sequence[Path]) -> bool:
+    """Whether path (resolved) is one of the resolved directories or lies below one."""
+    resolved = path.resolve()
+    return any(resolved == d or d in resolved.parents for d in directories)
 
 
 def no_files_message(directory: Path, options: SourceOptions) -> str:
@@ -167,29 +193,52 @@ def _decoded_blocks(path: Path, options: SourceOptions, block: int = 1 << 20):
     """Yield decoded text blocks of a (possibly compressed) file; refuse binary files."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="scratchllm-count")
     counter = _ReplacementCounter.current = _ReplacementCounter()
+    # A plain file's size is known: once more than 1% of it is bad the whole file is, so a
+    # large binary file is refused at its first block. A compressed one is judged at its end.
+    size = None if path.suffix.lower() in COMPRESSED_SUFFIXES else _size(path)
+    read = 0
+    refused = False
     try:
         with open_binary(path) as f:
-            first = True
             while True:
                 try:
                     data = f.read(block)
                 except (OSError, EOFError, ValueError) as e:
                     raise UserError(f"cannot read {path}: {e}") from None
-                if first and b"\x00" in data[:8192]:
+                if not read and b"\x00" in data[:8192] and not options.allow_binary:
+                    refused = True
                     raise UserError(f"{path} looks like a binary file (it holds NUL bytes); "
-                                    "give a text file")
-                first = False
+                                    "give a text file, or allow it with --allow-binary")
+                read += len(data)
                 _ReplacementCounter.current = counter  # another file may have been read since
                 text = decoder.decode(data, final=not data)
+                total = max(size, read) if size is not None else None if data else read
+                if (not options.allow_binary and total is not None
+                        and counter.bytes > MAX_REPLACED_FRACTION * total):
+                    refused = True
+                    raise UserError(_binary_message(path, total))
                 if text:
                     yield text
                 if not data:
                     break
     finally:
-        if counter.bytes:
+        if counter.bytes and not refused:
             options.stats["replaced_bytes"] += counter.bytes
             print(f"warning: {path}: {counter.bytes} bytes were not valid UTF-8 and became "
                   "U+FFFD", file=sys.stderr)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None  # open_binary says what is wrong
+
+
+def _binary_message(path: Path, total: int) -> str:
+    return (f"{path} looks like a binary file (or text not in UTF-8): more than "
+            f"{MAX_REPLACED_FRACTION:.0%} of its {total:,} bytes are not valid UTF-8; convert "
+            "it to UTF-8 text, or read it anyway with --allow-binary (bad bytes become U+FFFD)")
 
 
 class _ReplacementCounter:
@@ -299,22 +348,50 @@ def _parquet_segments(path: Path, options: SourceOptions) -> Iterator[Segment]:
                 yield Segment(str(value), f"{path}#{row}")
 
 
-def _hf_segments(name: str, options: SourceOptions) -> Iterator[Segment]:
+def _hf_segments(spec: str, options: SourceOptions) -> Iterator[Segment]:
     """Stream a Hugging Face dataset (hf:NAME[:CONFIG][@SPLIT]) without downloading it all."""
+    datasets = _datasets()
+    name, config, split = _hf_parts(spec)
+    # Pinned to the revision prepare's key holds, when there is one.
+    pinned = {"revision": options.revisions[f"hf:{spec}"]} if f"hf:{spec}" in options.revisions \
+        else {}
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True, **pinned)
+    except Exception as e:  # network, auth and name errors all come from here
+        raise UserError(f"cannot open HF dataset {name!r}: {e}") from None
+    for i, record in enumerate(stream):
+        yield Segment(_field(record, options, f"hf:{name} record {i}"), f"hf:{name}#{i}")
+
+
+def hf_revision(source: str) -> str | None:
+    """The current revision (commit) of an hf: source's dataset, if `datasets` exposes one."""
+    datasets = _datasets()
+    name, config, _ = _hf_parts(source.removeprefix("hf:"))
+    load_builder = getattr(datasets, "load_dataset_builder", None)
+    if load_builder is None:
+        return None
+    try:
+        # For a dataset on the Hub, the builder's hash is the commit it resolved.
+        revision = getattr(load_builder(name, config), "hash", None)
+    except Exception as e:  # network, auth and name errors all come from here
+        raise UserError(f"cannot open HF dataset {name!r}: {e}") from None
+    return revision if isinstance(revision, str) and revision else None
+
+
+def _datasets():
     try:
         import datasets
     except ImportError:
         raise UserError("hf: sources need the datasets library: pip install "
                         "'scratchllm[hf]'") from None
-    name, _, split = name.partition("@")
+    return datasets
+
+
+def _hf_parts(spec: str) -> tuple[str, str | None, str]:
+    """NAME[:CONFIG][@SPLIT] -> (name, config or None, split, 'train' by default)."""
+    name, _, split = spec.partition("@")
     name, _, config = name.partition(":")
-    try:
-        stream = datasets.load_dataset(name, config or None, split=split or "train",
-                                       streaming=True)
-    except Exception as e:  # network, auth and name errors all come from here
-        raise UserError(f"cannot open HF dataset {name!r}: {e}") from None
-    for i, record in enumerate(stream):
-        yield Segment(_field(record, options, f"hf:{name} record {i}"), f"hf:{name}#{i}")
+    return name, config or None, split or "train"
 
 
 def read_text_file(path: str | Path) -> tuple[str, int]:
@@ -331,3 +408,55 @@ def iter_all(sources: Iterable[str], options: SourceOptions) -> Iterator[Segment
     """Segments of several sources, one after the other."""
     for source in sources:
         yield from iter_segments(source, options)
+
+
+def sample_texts(sources: Sequence[str], max_chars: int = DEFAULT_MAX_CHARS,
+                 options: SourceOptions | None = None, seed: int = 0) -> tuple[list[str], int]:
+    """At most max_chars characters of the sources' text, sampled evenly; and the total read.
+
+    The sources are read once, as a stream of segments (records longer than a segment are
+    cut like long documents). Each segment gets a random key; the sample is the segments with
+    the smallest keys that fit in the budget (kept in a heap while streaming, so memory stays
+    at about max_chars), a uniform sample of the whole stream rather than its beginning.
+    Kept segments come back in stream order, neighbours from one document joined again, so a
+    corpus within the budget comes back as its documents, unchanged.
+    """
+    if max_chars < 1:
+        raise UserError(f"the character budget must be at least 1, got {max_chars}")
+    rng = random.Random(seed)
+    heap: list[tuple[float, int, int, str]] = []  # (-key, position, document, text)
+    threshold = 1.0  # the kept segments are exactly those seen with a key below it
+    kept = total = 0
+    segments = iter_all(sources, options or SourceOptions())
+    for position, (document, text) in enumerate(_pieces(segments)):
+        total += len(text)
+        key = rng.random()
+        if key >= threshold or not text:
+            continue
+        heapq.heappush(heap, (-key, position, document, text))
+        kept += len(text)
+        while kept > max_chars:  # drop the largest keys, and any later one above them
+            neg_key, _, _, dropped = heapq.heappop(heap)
+            kept -= len(dropped)
+            threshold = -neg_key
+    groups: list[list[str]] = []
+    last = (-2, -2)
+    for _, position, document, text in sorted(heap, key=lambda item: item[1]):
+        if (position - 1, document) == last:
+            groups[-1].append(text)  # the next piece of the same document
+        else:
+            groups.append([text])
+        last = (position, document)
+    return ["".join(group) for group in groups], total
+
+
+def _pieces(segments: Iterable[Segment]) -> Iterator[tuple[int, str]]:
+    """(document number, text) for each segment; records longer than a segment are cut."""
+    document = 0
+    for segment in segments:
+        if len(segment.text) > 2 * SEGMENT_CHARS:  # a long record: cut it like a document
+            for piece in _segments_of([segment.text], segment.origin):
+                yield document, piece.text
+        else:
+            yield document, segment.text
+        document += segment.last

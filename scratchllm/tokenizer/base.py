@@ -200,7 +200,8 @@ def build_tokenizer(
     try:
         return types[data["type"]].from_dict(data)
     except UserError as e:
-        raise UserError(f"{path} is corrupt: {e}") from None
+        raise UserError(f"{path} is corrupt: {e}; re-create it with `scratchllm tokenizer "
+                        "train`") from None
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise UserError(f"{path} is corrupt ({type(e).__name__}: {e}); re-create it with "
                         "`scratchllm tokenizer train`") from None

@@ -10,7 +10,8 @@ Rust core, built in memory from our vocabulary and pattern.
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,7 @@ class Tokenizer(BaseTokenizer):
         self.merges = [tuple(m) for m in merges]
         self.pattern = resolve_pattern(pattern)
         self.ranks = {token: i for i, token in enumerate(self.vocab)}
-        if len(self.ranks) != len(self.vocab):
-            raise UserError("vocabulary has duplicate tokens")
+        check_vocab(self.vocab, self.merges, self.ranks)
         if special_tokens is None:
             special_tokens = {name: len(self.vocab) + i for i, name in enumerate(DEFAULT_SPECIALS)}
         check_specials(special_tokens, len(self.vocab))
@@ -104,34 +104,45 @@ class Tokenizer(BaseTokenizer):
 
     @cached_property
     def fast(self):
-        """A tiktoken.Encoding over our vocabulary and pattern (the fast path)."""
+        """A tiktoken.Encoding over our vocabulary and pattern (the fast path).
+
+        Call its methods inside `tiktoken_errors()`: its Rust core can panic on some input.
+        """
         import tiktoken
 
-        return tiktoken.Encoding(
-            name=f"scratchllm-{id(self)}",
-            pat_str=self.pattern,
-            mergeable_ranks=self.ranks,
-            special_tokens=self.special_tokens,
-        )
+        try:
+            return tiktoken.Encoding(
+                name=f"scratchllm-{id(self)}",
+                pat_str=self.pattern,
+                mergeable_ranks=self.ranks,
+                special_tokens=self.special_tokens,
+            )
+        except ValueError as e:  # the pattern is not a regex tiktoken's engine accepts
+            detail = " ".join(str(e).split())
+            raise UserError(f"tiktoken cannot use the tokenizer's pattern ({detail}); choose "
+                            "another pattern") from None
 
     def encode_ordinary(self, text: str) -> list[int]:
-        return self.fast.encode_ordinary(text)
+        with tiktoken_errors():
+            return self.fast.encode_ordinary(text)
 
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         allowed = self._allowed(allowed_special)
-        return self.fast.encode(text, allowed_special=allowed, disallowed_special=())
+        with tiktoken_errors():
+            return self.fast.encode(text, allowed_special=allowed, disallowed_special=())
 
     def encode_batch(
         self, texts: Iterable[str], allowed_special: AllowedSpecial = (), num_threads: int = 8
     ) -> list[list[int]]:
         allowed = self._allowed(allowed_special)
-        return self.fast.encode_batch(
-            list(texts), num_threads=num_threads, allowed_special=allowed, disallowed_special=()
-        )
+        with tiktoken_errors():
+            return self.fast.encode_batch(list(texts), num_threads=num_threads,
+                                          allowed_special=allowed, disallowed_special=())
 
     def encode_array(self, text: str) -> np.ndarray:
         """encode_ordinary as a uint32 array, straight from tiktoken's buffer (no list)."""
-        return self.fast.encode_to_numpy(text, disallowed_special=())
+        with tiktoken_errors():
+            return self.fast.encode_to_numpy(text, disallowed_special=())
 
     def encode_reference(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         """The readable pure-Python encoder; gives exactly the ids of `encode`."""
@@ -150,7 +161,8 @@ class Tokenizer(BaseTokenizer):
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         ids = list(ids)
         self._check_ids(ids)
-        return self.fast.decode_bytes(ids)
+        with tiktoken_errors():
+            return self.fast.decode_bytes(ids)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one id (a special token gives its UTF-8 name)."""
@@ -193,10 +205,6 @@ class Tokenizer(BaseTokenizer):
     def from_dict(cls, data: dict[str, Any]) -> "Tokenizer":
         vocab = [str_to_bytes(s) for s in data["vocab"]]
         merges = [(int(a), int(b)) for a, b in data["merges"]]
-        known = set(vocab)
-        for a, b in merges:
-            if vocab[a] + vocab[b] not in known:
-                raise UserError(f"merge ({a}, {b}) makes no token in the vocabulary")
         return cls(vocab, merges, {str(k): int(v) for k, v in data["special_tokens"].items()},
                    str(data["pattern"]))
 
@@ -272,6 +280,71 @@ class Tokenizer(BaseTokenizer):
                 "merges": [[strings[a], strings[b]] for a, b in self.merges],
             },
         }
+
+
+def check_vocab(vocab: Sequence[bytes], merges: Sequence[Pair], ranks: dict[bytes, int]) -> None:
+    """Raise a one-line UserError unless vocab and merges form a BPE tiktoken can run.
+
+    tiktoken's Rust core panics (a BaseException, not an error) when a byte of the text has no
+    token, so all 256 single bytes must be tokens. Ranks are the list indices, so they are
+    contiguous; they must also be unique. Every merge must join two tokens into a token, and
+    every longer token must come from a merge of two tokens ranked before it: otherwise the
+    rank order cannot be the merge order that encoding (and the HF export) relies on.
+    """
+    if len(ranks) != len(vocab):
+        first: dict[bytes, int] = {}
+        for rank, token in enumerate(vocab):
+            if first.setdefault(token, rank) != rank:
+                raise UserError(f"vocabulary has duplicate tokens: {first[token]} and {rank} "
+                                f"are both {token!r}")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        listed = ", ".join(f"0x{b:02x}" for b in missing[:8]) + (", ..." if len(missing) > 8
+                                                                  else "")
+        raise UserError(f"vocabulary lacks {len(missing)} of the 256 single-byte tokens "
+                        f"({listed}); a byte-level BPE needs every byte")
+    made: set[int] = set()
+    n = len(vocab)
+    for k, (a, b) in enumerate(merges):
+        if not (0 <= a < n and 0 <= b < n):
+            raise UserError(f"merge {k} ({a}, {b}) names an id outside the vocabulary (0..{n - 1})")
+        rank = ranks.get(vocab[a] + vocab[b])
+        if rank is None:
+            raise UserError(f"merge {k} ({a}, {b}) makes no token in the vocabulary")
+        if a < rank and b < rank:
+            made.add(rank)
+    for rank, token in enumerate(vocab):
+        if len(token) > 1 and rank not in made:
+            raise UserError(f"token {rank} ({token!r}) is not made by merging two tokens ranked "
+                            "before it")
+
+
+@contextmanager
+def tiktoken_errors() -> Iterator[None]:
+    """Turn a failure inside tiktoken's Rust core into a one-line UserError.
+
+    A Rust panic reaches Python as pyo3's PanicException, a BaseException: no `except
+    Exception` catches it and the user sees a Rust backtrace. Its regex engine panics (or,
+    through some calls, raises ValueError) when it gives up on a text, e.g. a very long run of
+    spaces, or a pattern that backtracks too much.
+    """
+    try:
+        yield
+    except ValueError as e:
+        if "Regex error" not in str(e):
+            raise
+        raise UserError(_tiktoken_message(e)) from None
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise UserError(_tiktoken_message(e)) from None
+
+
+def _tiktoken_message(error: BaseException) -> str:
+    detail = " ".join(str(error).split())[:200]
+    return (f"tiktoken failed to encode the text ({detail}); a very long run of one character "
+            "(e.g. spaces) or a pattern that backtracks a lot does this: split the text or "
+            "choose another pattern")
 
 
 def bpe_chunk(chunk: bytes, ranks: dict[bytes, int]) -> list[int]:

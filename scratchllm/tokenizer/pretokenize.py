@@ -71,9 +71,13 @@ def split_chunks(text: str, pattern: str = DEFAULT_PATTERN) -> list[str]:
     return compile_pattern(pattern).findall(text)
 
 
-def _count_piece(args: tuple[str, str]) -> Counter:
-    text, pattern = args
-    return Counter(compile_pattern(pattern).findall(text))
+def _count_job(args: tuple[list[str], str]) -> Counter:
+    texts, pattern = args
+    compiled = compile_pattern(pattern)
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(compiled.findall(text))
+    return counts
 
 
 def _pieces(text: str, size: int) -> Iterator[str]:
@@ -97,24 +101,31 @@ def count_chunks(
     """Count every distinct chunk of every text (each text is split independently)."""
     pattern = resolve_pattern(pattern)
     cuttable = pattern in PATTERNS.values()
-    jobs: list[str] = []
-    total = 0
+    # Jobs of about PIECE_CHARS characters: a long text cut into pieces, short texts (e.g. a
+    # sample of segments) gathered, so that a process gets few, large jobs.
+    jobs: list[list[str]] = [[]]
+    sizes = [0]
     for text in texts:
-        total += len(text)
-        jobs.extend(_pieces(text, PIECE_CHARS) if cuttable else [text])
+        for piece in _pieces(text, PIECE_CHARS) if cuttable else [text]:
+            if sizes[-1] >= PIECE_CHARS:
+                jobs.append([])
+                sizes.append(0)
+            jobs[-1].append(piece)
+            sizes[-1] += len(piece)
+    total = sum(sizes)
     workers = workers if workers is not None else (os.cpu_count() or 1)
     counts: Counter = Counter()
     bar = _progress_bar(total, progress)
     if workers <= 1 or total < PARALLEL_MIN_CHARS or len(jobs) < 2:
-        for job in jobs:
-            counts.update(_count_piece((job, pattern)))
-            bar.update(len(job))
+        for job, size in zip(jobs, sizes, strict=True):
+            counts.update(_count_job((job, pattern)))
+            bar.update(size)
     else:
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_mp_context()) as pool:
-            results = pool.map(_count_piece, [(job, pattern) for job in jobs])
-            for job, piece_counts in zip(jobs, results, strict=True):
-                counts.update(piece_counts)
-                bar.update(len(job))
+            results = pool.map(_count_job, [(job, pattern) for job in jobs])
+            for size, job_counts in zip(sizes, results, strict=True):
+                counts.update(job_counts)
+                bar.update(size)
     bar.close()
     return counts
 

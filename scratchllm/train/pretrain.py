@@ -174,10 +174,10 @@ def ensure_data(cfg: DataConfig, run_dir: Path, progress: bool, log):
     if trained_here:
         path = run_dir / "tokenizer.json"
         if not path.is_file():
-            from scratchllm.data import texts_from_source
+            from scratchllm.data.sources import sample_texts
 
             log(f"training a {cfg.tokenizer} tokenizer on {cfg.source}")
-            texts = list(texts_from_source(cfg.source))
+            texts, _ = sample_texts([cfg.source])  # at most 100M characters, spread evenly
             tok = (CharTokenizer.train(texts) if cfg.tokenizer == "char" else
                    Tokenizer.train(texts, cfg.vocab_size, progress=progress))
             tok.save(path)
