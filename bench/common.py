@@ -9,6 +9,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from scratchllm.runtime import (
+    cpu_description,
+    cpu_has_native_bf16,
+    measure_matmul_flops,
+    peak_flops,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -18,16 +27,43 @@ def data_dir() -> Path:
 
 
 def machine() -> str:
-    """CPU model, cores and Python version, for the header of every benchmark."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    """CPU model and its matmul flags, cores and Python version, for every benchmark's header."""
+    return f"{cpu_description()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def torch_header(device: str = "cpu") -> str:
+    """The machine line plus torch's version and threads (and the GPU), for torch benchmarks."""
+    line = f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if device.startswith("cuda"):
+        line += f"; {torch.cuda.get_device_name()}"
+    return line
+
+
+def matmul_peaks(device: str, dtypes: list[str], seconds: float = 1.0) -> dict[str, float]:
+    """Each dtype's matmul peak FLOP/s for MFU, measured here and now on a CPU (a GEMM probe,
+    the best of `seconds` of products: longer than the trainer's, as other work may be running);
+    a GPU's datasheet value."""
+    if torch.device(device).type == "cpu":
+        return {d: measure_matmul_flops(d, seconds=seconds) for d in dict.fromkeys(dtypes)}
+    return {d: peak_flops(torch.device(device), d) for d in dict.fromkeys(dtypes)}
+
+
+def describe_peaks(device: str, peaks: dict[str, float]) -> str:
+    """One line saying what MFU is measured against."""
+    if device.startswith("cuda"):
+        how = "the GPU's datasheet dense peak"
+    else:
+        how = f"best 1024^3 GEMM on {torch.get_num_threads()} threads"
+        if not cpu_has_native_bf16() and any(d != "float32" for d in peaks):
+            how += "; no native bf16 here, so bf16's peak is fp32's (our bf16 runs fp32 GEMMs)"
+    values = ", ".join(f"{d} {p / 1e9:,.0f} GFLOP/s" if p else f"{d} unknown"
+                       for d, p in peaks.items())
+    return f"matmul peak for MFU: {values} ({how})"
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> str:
+    """MFU as a percentage string, or '-' where the peak is unknown."""
+    return f"{flops_per_token * tokens_per_s / peak:.1%}" if peak else "-"
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -3,7 +3,8 @@
 Both models get the same config and the same weights (ours is imported from the HF one), the
 same batch, and the same work: forward, fp32 cross-entropy over B*T targets, backward. Steps
 alternate between the two models (interleaved, so machine noise hits both alike); the table shows
-medians after one warm-up step each. Not run by CI.
+medians after one warm-up step each. MFU is against this machine's matmul peak for each dtype,
+measured at the start (a GEMM probe). Not run by CI.
 
     python bench/model.py [--cases nano,baby] [--dtypes fp32,bf16] [--repeats 3] [--batch 8]
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import platform
 import re
 import statistics
@@ -29,9 +29,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import describe_peaks, matmul_peaks, mfu, torch_header  # noqa: E402
 from scratchllm.model import GPT, GPTConfig, flops_per_token  # noqa: E402
 from scratchllm.model.convert import from_hf  # noqa: E402
 from scratchllm.runtime import cpu_has_native_bf16  # noqa: E402
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtypes names: runtime's names
 
 
 def _libc():
@@ -62,17 +65,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def cpu_name() -> str:
-    """The CPU's model name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def hf_twin(cfg: GPTConfig):
@@ -146,7 +138,7 @@ def time_case(name: str, dtypes: list[str], repeats: int, models, x, y) -> list[
                    loss_diff=abs(losses["ours"] - losses["hf"]))
         for key in models:
             row[f"{key}_tps"] = tokens / statistics.median(times[key])
-        row["gflops"] = flops_per_token(cfg, x.shape[1]) * row["ours_tps"] / 1e9
+        row["flops_per_token"] = flops_per_token(cfg, x.shape[1])
         rows.append(row)
         steps_s = {k: " ".join(f"{t:.3f}" for t in v) for k, v in times.items()}
         print(f"  {name} {dtype}: step seconds ours [{steps_s['ours']}], HF [{steps_s['hf']}]",
@@ -175,6 +167,9 @@ def main() -> None:
     torch.set_grad_enabled(True)
     t0 = time.perf_counter()
     cases, dtypes = args.cases.split(","), args.dtypes.split(",")
+    print(torch_header())
+    peaks = matmul_peaks("cpu", [DTYPES[d] for d in dtypes])  # before the models exist
+    print(describe_peaks("cpu", peaks), flush=True)
     setups = {name: setup(name, args.batch) for name in cases}
     rows = {name: time_case(name, dtypes, args.repeats, *setups[name]) for name in cases}
     tracked = _malloc_returns_memory()  # only now: it slows allocation down
@@ -182,22 +177,24 @@ def main() -> None:
         memory_case(rows[name], *setups[name])
 
     native = "yes" if cpu_has_native_bf16() else "no (bf16 GEMMs run as exact fp32 GEMMs)"
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}, native bf16 matmul: {native}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"python {platform.python_version()}; batch {args.batch}, seq = preset context; "
+    print(f"\nnative bf16 matmul: {native}; transformers {transformers.__version__}, python "
+          f"{platform.python_version()}; batch {args.batch}, seq = preset context; "
           f"median of {args.repeats} interleaved steps after 1 warm-up")
     print("step = zero_grad + forward + fp32 cross-entropy + backward (no optimizer); peak MiB = "
           "resident growth during one step" + ("" if tracked else " (not tracked here)") + "\n")
     head = ("| model | dtype | tokens/step | ours tok/s | HF tok/s | speed ours/HF | "
-            "ours peak MiB | HF peak MiB | memory ours/HF | ours GFLOP/s | loss diff |")
+            "ours peak MiB | HF peak MiB | memory ours/HF | ours GFLOP/s | ours MFU | "
+            "HF MFU | loss diff |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in (r for name in cases for r in rows[name]):
+        peak = peaks[DTYPES[r["dtype"]]]
         print(f"| {r['model']} | {r['dtype']} | {r['tokens']} | {r['ours_tps']:.0f} | "
               f"{r['hf_tps']:.0f} | {r['ours_tps'] / r['hf_tps']:.2f}x | {r['ours_mib']:.0f} | "
-              f"{r['hf_mib']:.0f} | {r['ours_mib'] / r['hf_mib']:.2f} | {r['gflops']:.1f} | "
-              f"{r['loss_diff']:.1e} |")
+              f"{r['hf_mib']:.0f} | {r['ours_mib'] / r['hf_mib']:.2f} | "
+              f"{r['flops_per_token'] * r['ours_tps'] / 1e9:.1f} | "
+              f"{mfu(r['flops_per_token'], r['ours_tps'], peak)} | "
+              f"{mfu(r['flops_per_token'], r['hf_tps'], peak)} | {r['loss_diff']:.1e} |")
     print(f"\ntotal time {time.perf_counter() - t0:.0f} s")
 
 

@@ -1,12 +1,13 @@
-"""Training-step benchmark: our trainer's step vs HF GPT2LMHeadModel + torch AdamW.
+"""Training-step benchmark: our training loop's step vs HF GPT2LMHeadModel + torch's fused AdamW.
 
 Default: nanoGPT's baby GPT (6 layers, 6 heads, width 384, context 256, batch 8, char-level
 tinyshakespeare) on the CPU, fp32 and bf16 autocast (and ours with torch.compile). Every
 setting runs in its own process (so peak memory is its own), rounds interleave ours and HF,
-and the table shows medians of per-step times. Run: python bench/train.py [--steps 15
---rounds 3]. bench/gpu.sh runs it for GPT-2 small on a GPU (--device cuda --preset gpt2-small
---context 1024 ...; see there). Extra config overrides go after `--`, e.g.
-`-- --data.shards=DIR --data.tokenizer=FILE`.
+and the table shows medians of per-step times. MFU is against this machine's matmul peak for
+each dtype, measured at the start (a GEMM probe on a CPU; the datasheet on a GPU). Run:
+python bench/train.py [--steps 15 --rounds 3]. bench/gpu.sh runs it for GPT-2 small on a GPU
+(--device cuda --preset gpt2-small --context 1024 ...; see there). Extra config overrides go
+after `--`, e.g. `-- --data.shards=DIR --data.tokenizer=FILE`.
 """
 
 import argparse
@@ -21,54 +22,68 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, table  # noqa: E402
+from bench.common import describe_peaks, matmul_peaks, mfu, table, torch_header  # noqa: E402
 
 DATA = ["--data.source=tinyshakespeare", "--data.tokenizer=char", "--eval.sample_tokens=0",
         "--optim.lr=1e-3", "--optim.beta2=0.99"]
-# Matmul peaks for MFU: the issue's figures for the 2-core AMX dev machine, and the H100 SXM's
-# dense bf16/fp32 (TF32 off) figures from NVIDIA's datasheet.
-PEAK = {"cpu": {"float32": 3.0e11, "bfloat16": 1.2e12},
-        "cuda": {"float32": 6.7e13, "bfloat16": 9.89e14}}
 
 
 def overrides(args) -> list[str]:
-    """The config of every setting: model shape, batch, device, then the caller's extras."""
+    """The config of every setting: data, model shape, batch, device, then the caller's extras."""
     return [*DATA, f"--model.preset={args.preset}", f"--model.context_length={args.context}",
             f"--train.batch_size={args.batch}", f"--train.device={args.device}", *args.extra]
+
+
+def prepared_data(config: list[str]) -> list[str]:
+    """Train the tokenizer and prepare the shards once, for every worker: the overrides that
+    point them there (none where the caller passed --data.shards)."""
+    if any(o.startswith("--data.shards=") for o in config):
+        return []
+    from scratchllm.config import load_config
+    from scratchllm.train import PretrainConfig
+    from scratchllm.train.pretrain import ensure_data
+
+    cfg = load_config(None, config, PretrainConfig)
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-train-data-"))
+    _, shards = ensure_data(cfg.data, run_dir, progress=False, log=lambda *_: None)
+    tokenizer = run_dir / "tokenizer.json"
+    return [f"--data.shards={shards}", *([f"--data.tokenizer={tokenizer}"]
+                                          if tokenizer.is_file() else [])]
 
 
 def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int,
            config: list[str]) -> dict:
     """Run warmup + steps training steps in this process; report per-step times."""
     import torch
-    from scratchllm.train.setup import autocast
 
     from scratchllm.config import load_config
-    from scratchllm.train import Trainer
+    from scratchllm.runtime import autocast
+    from scratchllm.train import PretrainConfig, pretrainer
 
-    tmp = tempfile.mkdtemp()
-    cfg = load_config(None, [*config, f"--train.dtype={dtype}", f"--train.compile={compile_}"])
-    trainer = Trainer(cfg, tmp, progress=False, log=lambda *_: None)
-    trainer._setup()  # data, model, optimizer, loader exactly as `pretrain` builds them
-    T, B = cfg.model_config(trainer.tokenizer.vocab_size).context_length, cfg.train.batch_size
+    cfg = load_config(None, [*config, f"--train.dtype={dtype}", f"--train.compile={compile_}"],
+                      PretrainConfig)
+    loop = pretrainer(cfg, tempfile.mkdtemp(), progress=False, log=lambda *_: None)
+    loop.setup()  # data, model, optimizer, loader exactly as `scratchllm train` builds them
+    device, batches = loop.device, loop.recipe.batches
+    T, B = loop.model.config.context_length, cfg.train.batch_size
     if impl == "ours":
-        step = trainer._train_step
+        step = loop.train_step  # lr schedule, exact accumulation, clipping, fused AdamW
     else:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        mc = trainer.model_config
-        device = trainer.device
+        mc = loop.model.config
         hf = GPT2LMHeadModel(GPT2Config(
             vocab_size=mc.vocab_size, n_positions=T, n_embd=mc.n_embd, n_layer=mc.n_layer,
             n_head=mc.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             attn_implementation="sdpa")).to(device).train()
-        del trainer.model, trainer.train_model, trainer.optimizer  # free ours
-        # torch's best AdamW for the device: fused on CUDA; its default (for-loop) on the CPU.
+        loop.model = loop.train_model = loop.optimizer = loop.recipe.model = None  # free ours
+        # The best AdamW torch has for HF too (fused, on CUDA and the CPU), as ours uses, so the
+        # ratio measures the model and the loop, not the optimizer.
         opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1,
-                                fused=device.type == "cuda" or None)
+                                fused=True)
 
         def step():
-            x, _ = trainer.loader.next_batch()
+            x, _ = batches.next_batch()
             x = x.to(device)
             with autocast(device, dtype):
                 out = hf(input_ids=x, labels=x)
@@ -86,12 +101,12 @@ def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int,
             times.append(time.perf_counter() - start)
     import resource
 
-    if trainer.device.type == "cuda":
+    if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    flops = trainer.flops_per_token
-    return {"times": times, "tokens": B * T, "peak_mb": peak_mb, "flops_per_token": flops}
+    return {"times": times, "tokens": B * T, "peak_mb": peak_mb,
+            "flops_per_token": loop.recipe.flops_per_token}
 
 
 def _fast_bf16() -> bool:
@@ -122,10 +137,6 @@ def main() -> None:
                                 overrides(args))))
         return
 
-    import torch
-
-    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
-          + (f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
     if args.settings:
         settings = [(*s.split(":")[:2], "true" if s.endswith(":compile") else "false")
                     for s in args.settings.split(",")]
@@ -134,6 +145,15 @@ def main() -> None:
                     ("hf", "bfloat16", "false"), ("ours", "bfloat16", "false")]
         if not args.no_compile:
             settings.append(("ours", "bfloat16", "true"))
+    from scratchllm.config import load_config
+    from scratchllm.runtime import set_threads
+    from scratchllm.train import PretrainConfig
+
+    set_threads(load_config(None, overrides(args), PretrainConfig).train.threads)  # as workers
+    print(torch_header(args.device))
+    peaks = matmul_peaks(args.device, [s[1] for s in settings])  # before any worker starts
+    print(describe_peaks(args.device, peaks))
+    data = prepared_data(overrides(args))
     results: dict[tuple, list] = {s: [] for s in settings}
     rss: dict[tuple, float] = {}
     for _ in range(args.rounds):  # interleaved: every setting once per round
@@ -146,7 +166,7 @@ def main() -> None:
                      str(args.context), "--batch", str(args.batch)]
             out = subprocess.run([sys.executable, __file__, "--worker", *s, "--steps",
                                   str(steps), "--warmup", str(warmup), *shape, "--",
-                                  *args.extra],
+                                  *args.extra, *data],
                                  capture_output=True, text=True, check=True,
                                  env=os.environ | {"SCRATCHLLM_DATA_DIR": os.environ.get(
                                      "SCRATCHLLM_DATA_DIR", str(Path(__file__).resolve()
@@ -156,14 +176,13 @@ def main() -> None:
             rss[s] = max(rss.get(s, 0.0), report["peak_mb"])
             flops = report["flops_per_token"]
     rows = []
-    peaks = PEAK[args.device]
     for s in settings:
         tps = statistics.median(results[s])
         hf_runs = [results[k] for k in settings if k[0] == "hf" and k[1] == s[1]]
         vs_hf = f"{tps / statistics.median(hf_runs[0]):.2f}x" if hf_runs else "-"
         name = f"{'scratchllm' if s[0] == 'ours' else 'HF GPT2LMHeadModel'} {s[1]}"
         name += " + compile" if s[2] == "true" else ""
-        rows.append([name, f"{tps:,.0f}", vs_hf, f"{flops * tps / peaks[s[1]]:.1%}",
+        rows.append([name, f"{tps:,.0f}", vs_hf, mfu(flops, tps, peaks[s[1]]),
                      f"{rss[s]:.0f}"])
     memory = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"
     print(f"{args.preset}, batch {args.batch} x {args.context} tokens, {args.device}, "

@@ -313,6 +313,11 @@ def test_one_beam_is_greedy_and_beams_improve_the_score():
     [greedy_beam] = complete(model, [prompt], GenerationConfig(max_new_tokens=6, num_beams=2,
                                                                early_stopping=True))
     assert wide.score >= greedy_beam.score - 1e-6 and len(wide.ids) == 6 and one.ids == greedy
+    # The score is the sequence's own: its summed log-probability under the model / length.
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + wide.ids]))[0, len(prompt) - 1:-1].double()
+    logp = torch.log_softmax(logits, dim=-1)[torch.arange(6), wide.ids].sum().item()
+    assert wide.score == pytest.approx(logp / 6, abs=1e-5)
 
 
 # ---- text: streaming and stop strings ------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from scratchllm.model import (
     GPT,
     PRESETS,
     GPTConfig,
+    attention,
     count_params,
+    fastpath,
     flops_per_token,
     lm_loss,
     lm_loss_sum,
@@ -306,6 +309,7 @@ def test_one_row_linear_tracks_weight_changes():
     x = torch.randn(1, 1, 8)
     with torch.no_grad():
         assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-6)
+        assert "_weight_t" in lin.__dict__  # the (in, out) path ran, not plain F.linear
         lin.weight.mul_(2)  # in place: the cached (in, out) copy must be rebuilt
         assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-6)
         lin.load_state_dict({"weight": torch.randn(24, 8), "bias": torch.randn(24)})
@@ -326,6 +330,7 @@ def test_fused_qkv_decode_step_equals_separate_projections():
     with torch.no_grad():
         for _ in range(2):  # second round: after an in-place change of one weight
             q, k, v = attn._project_qkv(x)  # the fused (C, q + k + v) copy
+            assert "_qkv_t" in attn.__dict__  # it ran (else this compares q_proj with itself)
             assert torch.allclose(q, attn.q_proj(x), atol=1e-6)
             assert torch.allclose(k, attn.k_proj(x), atol=1e-6)
             assert torch.allclose(v, attn.v_proj(x), atol=1e-6)
@@ -433,39 +438,161 @@ def test_loss_goes_down_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_bf16_linear_matches_reference():
+# ---- bf16 on the CPU: both paths, forced, on every machine ---------------------------------
+
+
+def force_bf16_path(monkeypatch, native: bool) -> SimpleNamespace:
+    """Force the CPU bf16 path (torch's own bf16 kernels, or exact fp32 GEMMs on bf16-rounded
+    values) whatever this CPU has, and count the calls of the fp32 path's two kernels."""
+    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: native)
+    calls = {"linear": 0, "sdpa": 0}
+    linear_apply, sdpa = fastpath.Bf16LinearViaFp32.apply, attention.sdpa_via_fp32
+
+    def counted_linear(*args):
+        calls["linear"] += 1
+        return linear_apply(*args)
+
+    def counted_sdpa(*args):
+        calls["sdpa"] += 1
+        return sdpa(*args)
+
+    monkeypatch.setattr(fastpath.Bf16LinearViaFp32, "apply", counted_linear)
+    monkeypatch.setattr(attention, "sdpa_via_fp32", counted_sdpa)
+    return SimpleNamespace(native=native, calls=calls)
+
+
+@pytest.fixture(params=["native", "via_fp32"])
+def bf16_path(request, monkeypatch) -> SimpleNamespace:
+    """Each test runs once on each CPU bf16 path."""
+    return force_bf16_path(monkeypatch, native=request.param == "native")
+
+
+def bf16_exact(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to bf16, held in fp64: the operands a bf16 kernel multiplies."""
+    return t.detach().to(torch.bfloat16).double()
+
+
+def assert_bf16_rounding_of(y: torch.Tensor, exact: torch.Tensor) -> None:
+    """y (bf16) is `exact` rounded to bf16 (within one unit in the last place: sum order)."""
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), exact, rtol=2**-8, atol=1e-6)
+
+
+def test_bf16_linear_via_fp32_matches_the_definition(monkeypatch):
+    """bf16 operands, products summed in fp32, one bf16 rounding of the output; gradients
+    from the saved bf16 operands, unrounded (fp32)."""
+    bf16_path = force_bf16_path(monkeypatch, native=False)
     torch.manual_seed(0)
-    lin = Linear(24, 40)
-    x = torch.randn(3, 5, 24, requires_grad=True)
-    g = torch.randn(3, 5, 40)
+    lin = Linear(96, 40)
+    x = torch.randn(3, 5, 96, requires_grad=True)  # fp32: autocast rounds it
+    g = torch.randn(3, 5, 40).to(torch.bfloat16)  # the gradient of a bf16 output is bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert bf16_path.calls["linear"] == 1
+    xb, wb, bb = bf16_exact(x), bf16_exact(lin.weight), bf16_exact(lin.bias)
+    assert_bf16_rounding_of(y, xb @ wb.T + bb)
+    y.backward(g)
+    g2 = g.double().reshape(-1, 40)
+    for got, want in ((x.grad, (g2 @ wb).view(3, 5, 96)), (lin.weight.grad, g2.T @ xb.view(-1, 96)),
+                      (lin.bias.grad, g2.sum(0))):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # bf16 weights and input without autocast (a model loaded with --dtype bfloat16)
+    lin16 = Linear(96, 40).to(torch.bfloat16)
+    with torch.no_grad():
+        y = lin16(x.detach().to(torch.bfloat16))
+    assert bf16_path.calls["linear"] == 2
+    assert_bf16_rounding_of(y, bf16_exact(x) @ bf16_exact(lin16.weight).T
+                            + bf16_exact(lin16.bias))
+
+
+def test_bf16_linear_native_is_torch_bf16(monkeypatch):
+    """Where bf16 is native the Linear is torch's own bf16 linear, bit for bit, both ways."""
+    bf16_path = force_bf16_path(monkeypatch, native=True)
+    torch.manual_seed(0)
+    lin = Linear(96, 40)
+    x = torch.randn(3, 5, 96, requires_grad=True)
+    g = torch.randn(3, 5, 40).to(torch.bfloat16)
     grads = []
     for fn in (lin, lambda t: F.linear(t, lin.weight, lin.bias)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = fn(x)
         y.backward(g)
-        grads.append((y.detach().float(), x.grad.clone(), lin.weight.grad.clone(),
-                      lin.bias.grad.clone()))
+        grads.append((y, x.grad, lin.weight.grad, lin.bias.grad))
         x.grad = None
-        lin.zero_grad()
-    assert grads[0][0].dtype == torch.float32
-    for a, b in zip(*grads, strict=True):
-        assert torch.allclose(a, b, atol=0.05, rtol=0.02)
+        lin.zero_grad(set_to_none=True)
+    assert bf16_path.calls["linear"] == 0
+    for ours, torchs in zip(*grads, strict=True):
+        assert torch.equal(ours, torchs)
+    # and torch's bf16 product is the definition up to its own rounding
+    exact = bf16_exact(x) @ bf16_exact(lin.weight).T + bf16_exact(lin.bias)
+    torch.testing.assert_close(grads[0][0].double(), exact, rtol=2**-6, atol=1e-3)
+
+
+ATTN_CASES = {  # name: (n_kv_head, T, S, mask kind, causal)
+    "causal": (4, 7, 7, None, True),
+    "gqa-causal-prefix": (2, 3, 7, None, True),
+    "additive-mask": (1, 7, 7, "additive", False),
+    "bool-mask-causal": (4, 7, 7, "bool", True),
+}
+
+
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_bf16_sdpa_both_paths(bf16_path, case):
+    n_kv, T, S, kind, causal = ATTN_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    q = 2 * torch.randn(2, 4, T, 8, generator=g)  # fp32 under autocast: rounded to bf16
+    k, v = (2 * torch.randn(2, n_kv, S, 8, generator=g) for _ in range(2))
+    keep = torch.rand(2, 1, T, S, generator=g) > 0.3
+    keep[..., 0] = True  # every query sees some key
+    mask = {None: None, "bool": keep,
+            "additive": torch.zeros(keep.shape).masked_fill(~keep, -math.inf)}[kind]
+    # the definition in fp64 on bf16-rounded values
+    qe, ke, ve = bf16_exact(q), bf16_exact(k), bf16_exact(v)
+    ke, ve = (t.repeat_interleave(4 // n_kv, dim=1) for t in (ke, ve))
+    visible = torch.ones(2, 1, T, S, dtype=torch.bool) if kind is None else keep
+    if causal:
+        visible = visible & torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    scores = (qe @ ke.transpose(-2, -1) / math.sqrt(8)).masked_fill(~visible, -math.inf)
+    exact = torch.softmax(scores, dim=-1) @ ve
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sdpa_attention(q, k, v, mask, causal=causal)
+    if bf16_path.native:
+        assert bf16_path.calls["sdpa"] == 0
+        if kind is None and T == S:  # bit for bit the call torch's own bf16 kernel makes
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                torchs = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            assert torch.equal(y, torchs)
+        torch.testing.assert_close(y.double(), exact, rtol=2**-5, atol=2e-2)  # bf16 softmax
+    else:
+        assert bf16_path.calls["sdpa"] == 1
+        assert_bf16_rounding_of(y, exact)
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_bf16_autocast_training_step(pos):
+def test_bf16_autocast_training_step(bf16_path, pos):
     model = build(pos_encoding=pos, n_kv_head=2)
     x = ids()
+    _, ref_loss = model(x, x)  # fp32 reference: logits, loss and gradients
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
     with torch.no_grad():
         ref = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, loss = model(x, x)
+    n_linear = sum(isinstance(m, Linear) for m in model.modules())
+    want = (0, 0) if bf16_path.native else (n_linear, model.config.n_layer)
+    assert (bf16_path.calls["linear"], bf16_path.calls["sdpa"]) == want
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert (logits.float() - ref).abs().max() < 0.05  # bf16 rounding only
+    assert abs(loss.item() - ref_loss.item()) < 0.01
     loss.backward()
-    grads = [p.grad for p in model.parameters()]
-    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()
-               for g in grads)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        # the fp32 gradient up to bf16 rounding (k_proj.bias's is 0: softmax ignores a shift)
+        err, size = (p.grad - ref_grads[name]).norm(), ref_grads[name].norm()
+        assert err < 0.05 * size + 1e-3, (name, err.item(), size.item())
 
 
 # ---- save / load ---------------------------------------------------------------------------
