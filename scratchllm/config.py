@@ -138,6 +138,12 @@ _BOOLS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0"
 
 
 def _coerce(value: Any, annotation: Any, name: str, where: str) -> Any:
+    if typing.get_origin(annotation) is list or annotation in ("list[str]", list):
+        # a TOML list of strings, or `--section.key=a,b` on the command line
+        items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise UserError(f"{where}{name} must be a list of strings, got {value!r}")
+        return [v for v in items if v]
     kind = annotation if isinstance(annotation, type) else _resolve(annotation)
     if kind is bool and isinstance(value, str) and value.lower() in _BOOLS:
         return _BOOLS[value.lower()]

@@ -145,19 +145,29 @@ def test_kv_cache_decoding_matches_hf_full_forward(make):
 
 
 def test_import_sharded_and_legacy_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+
     hf = hf_gpt2()
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert_same_logits(from_hf(tmp_path / "sharded"), hf)
-    # OpenAI's original layout: no "transformer." prefix, causal-mask buffers, a pickled
-    # state dict (read with weights_only=True, so no code can run).
+    # OpenAI's original layout: no "transformer." prefix, causal-mask buffers.
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     hf.config.to_json_file(legacy / "config.json")
-    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+    state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items()
+             if k != "lm_head.weight"}  # tied to wte
     state["h.0.attn.bias"] = torch.ones(1, 1, 32, 32).tril()
-    torch.save(state, legacy / "pytorch_model.bin")
+    save_file(state, legacy / "model.safetensors")
     assert_same_logits(from_hf(legacy), hf)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    hf = hf_gpt2()
+    hf.config.to_json_file(tmp_path / "config.json")
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"pickle file.*safe_serialization=True"):
+        from_hf(tmp_path)
 
 
 def test_import_rejects_unsupported(tmp_path):

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from scratchllm import __version__
-from scratchllm.cli import data, generate, tokenizer, train
+from scratchllm.cli import convert, data, finetune, generate, tokenizer, train
 from scratchllm.errors import UserError
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -23,6 +23,10 @@ COMMANDS: dict[str, Callable] = {
     "pretrain": train.register_pretrain,
     "plot": train.register_plot,
     "generate": generate.register,
+    "convert": convert.register,
+    "finetune": finetune.register_finetune,
+    "classify": finetune.register_classify,
+    "merge": finetune.register_merge,
 }
 
 

@@ -1,6 +1,7 @@
 """Hugging Face interop: import GPT-2 / LLaMA checkpoints, export to the same two formats.
 
 The mapping is by name and shape only; transformers is needed only to pass in a model object.
+Weights are read from safetensors only: pickle files (pytorch_model.bin) are refused unread.
 GPT-2 stores its projections as Conv1D, (in, out): those are transposed, and its fused c_attn
 is split into our separate q/k/v projections (and fused back on export).
 """
@@ -31,25 +32,46 @@ def _read_config(path: Path) -> dict[str, Any]:
     return read_json_object(path / "config.json", "point at a Hugging Face model directory")
 
 
-def _read_weights(path: Path) -> dict[str, Tensor]:
-    """Every tensor of a saved HF model directory (safetensors, or a plain torch state dict)."""
-    from safetensors.torch import load_file
+# Files that hold pickles, which can run any code when loaded: never opened, only named.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a saved HF model directory (checked to exist, not read)."""
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    elif index.is_file():  # sharded: the index maps every tensor to its shard
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif (path / "pytorch_model.bin").is_file():  # legacy: never unpickle arbitrary objects
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise UserError(f"no model.safetensors (or pytorch_model.bin) in {path}")
+        return [path / "model.safetensors"]
+    if index.is_file():  # sharded: the index maps every tensor to its shard
+        weight_map = read_json_object(index, "re-download the checkpoint").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index} has no weight_map: re-download the checkpoint")
+        files = sorted({path / str(f) for f in weight_map.values()})
+        for file in files:
+            if not file.is_file():
+                raise UserError(f"{file} (a shard {index.name} names) not found: re-download "
+                                "the checkpoint")
+        return files
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"{path / pickles[0]} is a pickle file, which scratchllm never loads "
+                        "(unpickling can run code): re-save the model as safetensors, e.g. "
+                        "model.save_pretrained(dir, safe_serialization=True) in transformers")
+    raise UserError(f"no model.safetensors (or model.safetensors.index.json) in {path}: "
+                    "point at a Hugging Face model directory")
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a saved HF model directory (model.safetensors, sharded or not)."""
+    from safetensors.torch import load_file
+
     state: dict[str, Tensor] = {}
-    for file in files:
+    for file in weight_files(path):
         try:
             state.update(load_file(file))
         except Exception as e:  # safetensors has its own error types for corrupt files
-            raise UserError(f"{file} is not a readable safetensors file ({e})") from e
+            detail = " ".join(str(e).split())
+            raise UserError(f"{file} is not a readable safetensors file ({detail}): "
+                            "re-download or re-save it") from e
     return state
 
 
@@ -217,6 +239,29 @@ def _to_llama(model: GPT) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 # ---- public API ----------------------------------------------------------------------------
 
+_CONFIGS = {"gpt2": _gpt2_config, "llama": _llama_config}  # model_type -> GPTConfig fields
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config.json of an HF model directory, checked: a supported model_type and
+    safetensors weights present (not read yet), so bad input fails before any heavy work."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory: pass a saved Hugging Face model "
+                        "directory or a transformers model object")
+    config = _read_config(path)
+    _check_model_type(config)
+    GPTConfig.from_dict(_CONFIGS[config["model_type"]](config))  # unsupported features
+    weight_files(path)
+    return config
+
+
+def _check_model_type(config: dict[str, Any]) -> None:
+    kind = config.get("model_type")
+    if kind not in _CONFIGS:
+        raise UserError(f"model_type {kind!r} is not supported: import 'gpt2' or 'llama'")
+
+
 
 def from_hf(source: Any, **overrides: Any) -> GPT:
     """A GPT from a transformers GPT-2 / LLaMA model object or a saved HF directory.
@@ -225,20 +270,20 @@ def from_hf(source: Any, **overrides: Any) -> GPT:
     """
     if isinstance(source, torch.nn.Module):
         config, path = source.config.to_dict(), None
+        _check_model_type(config)
     else:
         path = Path(source)
-        if not path.is_dir():
-            raise UserError(f"{path} is not a directory: pass a saved Hugging Face model "
-                            "directory or a transformers model object")
-        config = _read_config(path)
-    kind = config.get("model_type")
-    if kind not in ("gpt2", "llama"):
-        raise UserError(f"model_type {kind!r} is not supported: import 'gpt2' or 'llama'")
-    to_config, to_state = (_gpt2_config, _gpt2_state) if kind == "gpt2" else \
-        (_llama_config, _llama_state)
-    cfg = GPTConfig.from_dict({**to_config(config), **overrides})
+        config = read_hf_config(path)
+    kind = config["model_type"]
+    to_state = _gpt2_state if kind == "gpt2" else _llama_state
+    cfg = GPTConfig.from_dict({**_CONFIGS[kind](config), **overrides})
     state = source.state_dict() if path is None else _read_weights(path)
-    ours = to_state(state, cfg)
+    try:
+        ours = to_state(state, cfg)
+    except KeyError as e:  # a weight the config implies is absent
+        where = "the model" if path is None else str(path)
+        raise UserError(f"weight {e} is missing from {where}: check that config.json belongs "
+                        "to these weights") from None
     with torch.device("meta"):
         model = GPT(cfg)
     ours = {k: v.detach().to(torch.float32).contiguous() for k, v in ours.items()}
@@ -247,8 +292,12 @@ def from_hf(source: Any, **overrides: Any) -> GPT:
     return model.eval()
 
 
-def to_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
-    """Write model.safetensors + config.json that transformers' AutoModelForCausalLM loads."""
+def to_hf(model: GPT, out_dir: str | os.PathLike,
+          extra_config: dict[str, Any] | None = None) -> Path:
+    """Write model.safetensors + config.json that transformers' AutoModelForCausalLM loads.
+
+    extra_config: entries that replace config.json's (e.g. eos_token_id from the tokenizer).
+    """
     from safetensors.torch import save
 
     cfg = model.config
@@ -267,6 +316,7 @@ def to_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
     state = {k: v.detach().contiguous() for k, v in state.items()}
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     config["dtype"] = config["torch_dtype"] = dtype
+    config.update(extra_config or {})
     atomic_write_bytes(out / "model.safetensors", save(state, metadata={"format": "pt"}))
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     return out

@@ -127,6 +127,23 @@ class GPT(nn.Module):
         logits_to_keep > 0 computes logits (and the loss) for the last that many positions only:
         a prefill that needs the next token's logits skips T - 1 rows of the vocab projection.
         """
+        T = idx.shape[1]
+        x = self.hidden(idx, attention_mask=attention_mask, positions=positions, cache=cache,
+                        input_pos=input_pos)
+        if 0 < logits_to_keep < T:
+            x = x[:, -logits_to_keep:]  # (B, k, C)
+            if targets is not None:
+                targets = targets[:, -logits_to_keep:]
+        logits = self.lm_head(x)  # (B, T|k, vocab)
+        if targets is None:
+            return logits
+        return logits, lm_loss(logits, targets)
+
+    def hidden(self, idx: Tensor, *, attention_mask: Tensor | None = None,
+               positions: Tensor | None = None, cache: nn.ModuleList | None = None,
+               input_pos: Tensor | None = None) -> Tensor:
+        """The final-norm hidden states (B, T, C) that the output projection reads (a task head
+        such as a classifier reads them instead); arguments as for forward()."""
         B, T = idx.shape
         inputs, positions = self._attn_inputs(B, T, attention_mask, positions, cache, input_pos)
         x = self.tok_emb(idx)  # (B, T, C)
@@ -138,14 +155,7 @@ class GPT(nn.Module):
             x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, inputs, cache[i] if cache is not None else None)
-        if 0 < logits_to_keep < T:
-            x = x[:, -logits_to_keep:]  # (B, k, C)
-            if targets is not None:
-                targets = targets[:, -logits_to_keep:]
-        logits = self.lm_head(self.norm_f(x))  # (B, T|k, vocab)
-        if targets is None:
-            return logits
-        return logits, lm_loss(logits, targets)
+        return self.norm_f(x)
 
     def _attn_inputs(self, B: int, T: int, attention_mask: Tensor | None,
                      positions: Tensor | None, cache: nn.ModuleList | None,
@@ -207,7 +217,9 @@ class GPT(nn.Module):
         """Parameter count (tied weights once); embeddings=False drops embedding and lm_head."""
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            skip = {id(self.tok_emb.weight), id(self.lm_head.weight)}
+            skip = {id(self.tok_emb.weight)}
+            if hasattr(self, "lm_head"):
+                skip.add(id(self.lm_head.weight))
             if self.config.pos_encoding == "learned":
                 skip.add(id(self.pos_emb.weight))
             n -= sum(p.numel() for p in self.parameters() if id(p) in skip)
@@ -244,10 +256,10 @@ class GPT(nn.Module):
     def load_weights(self, state: dict[str, Tensor], assign: bool = False) -> None:
         """load_state_dict that accepts a missing tied lm_head and fails with a clear message."""
         state = dict(state)
-        if self.config.tie_embeddings:
+        tied = self.config.tie_embeddings and hasattr(self, "lm_head")  # a task head is never tied
+        if tied:
             state.pop("lm_head.weight", None)
-        expected = set(self.state_dict()) - ({"lm_head.weight"} if self.config.tie_embeddings
-                                             else set())
+        expected = set(self.state_dict()) - ({"lm_head.weight"} if tied else set())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise UserError(f"weights do not match the config: missing {missing[:3]}, unexpected "
@@ -258,7 +270,7 @@ class GPT(nn.Module):
                 raise UserError(f"weight {key} has shape {tuple(value.shape)}, config expects "
                                 f"{tuple(want)}: check that config.json belongs to these weights")
         self.load_state_dict(state, strict=False, assign=assign)
-        if self.config.tie_embeddings:
+        if tied:
             self.lm_head.weight = self.tok_emb.weight  # assign=True replaced the shared Parameter
 
 

@@ -73,6 +73,12 @@ class Recipe:
     evaluate: Callable[[TrainLoop], dict[str, Any]] | None = None  # 'val_loss' marks the best
     flops_per_token: float = 0.0  # for MFU; 0 = not reported
     count_targets: Callable[[tuple[Tensor, ...]], int] = count_targets
+    # What checkpoints hold, when not the whole model: e.g. a LoRA run saves only its adapters
+    # and new head (weights), with a config.json naming the base (config), and restores them
+    # onto the rebuilt model on resume (load_weights).
+    weights: Callable[[], dict[str, Tensor]] | None = None
+    config: Any = None
+    load_weights: Callable[[dict[str, Tensor]], None] | None = None
 
 
 @dataclass
@@ -110,12 +116,13 @@ class TrainLoop:
         resume_from = self._resume_checkpoint()
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.recover_checkpoints(run_dir)
-        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
         self.device = resolve_device(cfg.train.device)
         cfg.train.dtype = resolve_dtype(self.device, cfg.train.dtype)
         set_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
         self.recipe = self.build(self)
+        # After build: a recipe may derive settings (e.g. max_steps from epochs).
+        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
         self.model = self.recipe.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.dtype == "float16")
@@ -145,7 +152,9 @@ class TrainLoop:
     def _load(self, checkpoint: Path) -> None:
         weights = ckpt.load_weights(checkpoint, self.device)
         # Our models' load_weights restores tied weights and explains a mismatch.
-        getattr(self.model, "load_weights", self.model.load_state_dict)(weights)
+        load = (self.recipe.load_weights or getattr(self.model, "load_weights", None)
+                or self.model.load_state_dict)
+        load(weights)
         state = ckpt.load_training_state(checkpoint, self.optimizer)
         self.recipe.batches.load_state_dict(state["loader"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -301,9 +310,12 @@ class TrainLoop:
                  "best_checkpoint": self.best_name, "val_loss": self.last_val,
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                  "config": cfg.to_dict()}
+        recipe = self.recipe
         self.last_checkpoint = ckpt.save_checkpoint(
-            self.run_dir, self.step, weights=self.model.state_dict(), config=self.model.config,
-            tokenizer=self.recipe.tokenizer, optimizer_state=self.optimizer.state_dict(),
+            self.run_dir, self.step,
+            weights=recipe.weights() if recipe.weights else self.model.state_dict(),
+            config=recipe.config if recipe.config is not None else self.model.config,
+            tokenizer=recipe.tokenizer, optimizer_state=self.optimizer.state_dict(),
             state=state)
         keep = {self.best_name} if cfg.checkpoint.keep_best and self.best_name else set()
         ckpt.prune_checkpoints(self.run_dir, cfg.checkpoint.keep_last, keep)

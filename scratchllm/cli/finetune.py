@@ -1,0 +1,132 @@
+"""`scratchllm finetune classify`, `scratchllm classify` and `scratchllm merge`."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scratchllm.cli.common import command_group
+from scratchllm.errors import UserError
+
+CLASSIFY_NEXT = """next:
+  scratchllm classify --checkpoint {run} "Congratulations, you won a prize! Call now"
+  scratchllm plot {run}"""
+
+
+def register_finetune(commands) -> None:
+    """Add `scratchllm finetune classify`."""
+    sub = command_group(commands, "finetune", "fine-tune a pretrained model for a task")
+    p = sub.add_parser(
+        "classify", help="turn a pretrained GPT into a text classifier",
+        description="Replace the LM head by a classification head and fine-tune it (and the "
+                    "last N blocks, everything, or LoRA adapters) on labelled texts. Every "
+                    "config key can be overridden as --section.key=value (sections: classify, "
+                    "lora, train, optim, eval, checkpoint), e.g. --classify.trainable=last:2 "
+                    "--lora.rank=8 --optim.lr=1e-4.")
+    p.add_argument("--checkpoint", required=True, help="the base: a checkpoint or run directory")
+    p.add_argument("--data", help="sms-spam (default) or a .csv/.tsv/.jsonl/.json file")
+    p.add_argument("--text-field", help="field holding the text (default: text)")
+    p.add_argument("--label-field", help="field holding the label (default: label)")
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--config", type=Path, help="TOML config")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="auto|DIR",
+                   help="continue the run in --out (auto) or from a checkpoint directory")
+    p.set_defaults(handler=cmd_finetune_classify, accepts_overrides=True)
+
+
+def register_classify(commands) -> None:
+    """Add `scratchllm classify`."""
+    p = commands.add_parser(
+        "classify", help="label texts with a fine-tuned classifier",
+        description="Print the predicted label and its probability for each text (arguments, "
+                    "--file with one text per line, or JSONL records with a 'text' field).")
+    p.add_argument("--checkpoint", required=True, type=Path, help="classifier run or checkpoint")
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--file", type=Path, help="one text per line, or .jsonl with a text field")
+    p.add_argument("--text-field", default="text", help="JSONL field of the text")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps (default: auto)")
+    p.add_argument("--json", action="store_true", help="one JSON object per text")
+    p.set_defaults(handler=cmd_classify)
+
+
+def register_merge(commands) -> None:
+    """Add `scratchllm merge`."""
+    p = commands.add_parser(
+        "merge", help="fold a LoRA run's adapters into a plain checkpoint",
+        description="Write a plain checkpoint with the LoRA adapters merged into the weights "
+                    "(no base model needed to load it).")
+    p.add_argument("--checkpoint", required=True, type=Path, help="LoRA run or checkpoint")
+    p.add_argument("--out", required=True, type=Path, help="directory to write")
+    p.set_defaults(handler=cmd_merge)
+
+
+def cmd_finetune_classify(args: argparse.Namespace) -> int:
+    from scratchllm.config import load_config
+    from scratchllm.finetune.classify import ClassifyConfig, classifier_trainer
+
+    overrides = list(args.overrides) + [f"--classify.checkpoint={args.checkpoint}"]
+    for flag, key in (("data", "data"), ("text_field", "text_field"),
+                      ("label_field", "label_field")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"--classify.{key}={getattr(args, flag)}")
+    config = load_config(args.config, overrides, ClassifyConfig)
+    loop = classifier_trainer(config, args.out, resume=args.resume,
+                              progress=sys.stderr.isatty(),
+                              log=lambda message: print(message, file=sys.stderr))
+    result = loop.run()
+    confusion = result.last_eval.get("test_confusion")
+    if confusion:
+        labels = loop.recipe.config.labels
+        width = max(len(label) for label in labels) + 2
+        print("test confusion matrix (rows: true label, columns: predicted):")
+        print(" " * width + "".join(f"{label:>{width}}" for label in labels))
+        for label, row in zip(labels, confusion, strict=True):
+            print(f"{label:>{width}}" + "".join(f"{n:>{width}}" for n in row))
+        print(f"test accuracy {result.last_eval['test_acc']:.2%}, "
+              f"macro-F1 {result.last_eval['test_f1']:.3f}")
+    if result.interrupted:
+        print(f"stopped at step {result.step}; resume with --resume", file=sys.stderr)
+        return 130
+    print(CLASSIFY_NEXT.format(run=args.out))
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from scratchllm.finetune.classify import classify_texts, load_classifier
+    from scratchllm.runtime import resolve_device
+
+    texts = list(args.texts)
+    if args.file is not None:
+        texts += _read_texts(args.file, args.text_field)
+    if not texts:
+        raise UserError("no texts to classify: give them as arguments or with --file")
+    model, tokenizer, config = load_classifier(args.checkpoint, resolve_device(args.device))
+    for text, result in zip(texts, classify_texts(model, tokenizer, config, texts), strict=True):
+        if args.json:
+            print(json.dumps({"text": text, **result}, ensure_ascii=False))
+        else:
+            print(f"{result['label']}\t{result['probability']:.3f}\t{text}")
+
+
+def _read_texts(path: Path, field: str) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"{path} not found: give a text file (one text per line) or JSONL")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix.lower() != ".jsonl":
+        return lines
+    texts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n} is not valid JSON ({e})") from None
+        if not isinstance(record, dict) or field not in record:
+            raise UserError(f"{path}:{n} has no field {field!r}; name it with --text-field")
+        texts.append(str(record[field]))
+    return texts
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from scratchllm.finetune.classify import merge_checkpoint
+
+    print(f"wrote {merge_checkpoint(args.checkpoint, args.out)}")

@@ -1,0 +1,201 @@
+"""Labelled texts for classification: the SMS spam set, CSV/TSV/JSONL files, splits, batches.
+
+A batch is (ids, labels, lengths): ids right-padded to the longest text of the batch (never to
+the full context), labels as class ids, lengths the real token counts (the classifier reads the
+last real token). Training batches are shuffled per epoch from a seed and resume exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scratchllm.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class LabelledSplits:
+    """(text, label) pairs per split, and the label names (sorted: their order is the id)."""
+
+    train: list[tuple[str, str]]
+    val: list[tuple[str, str]]
+    test: list[tuple[str, str]]
+    labels: list[str]
+
+    def split(self, name: str) -> list[tuple[str, str]]:
+        return getattr(self, name)
+
+    def label_ids(self, name: str) -> list[int]:
+        index = {label: i for i, label in enumerate(self.labels)}
+        return [index[label] for _, label in self.split(name)]
+
+
+def load_classification(source: str, text_field: str = "text", label_field: str = "label",
+                        balance: bool = False, seed: int = 123) -> LabelledSplits:
+    """Splits of a named set (`sms-spam`) or a CSV/TSV/JSONL file, 70/10/20 with `seed`.
+
+    sms-spam follows the book: "ham" is undersampled to the number of "spam" messages.
+    balance=True does the same for any file (every class cut to the smallest class's size).
+    """
+    if source == "sms-spam":
+        from scratchllm.data import registry
+
+        path = registry.files("sms-spam")[0]
+        examples = _read_sms(path)
+        balance = True
+    else:
+        examples = read_labelled(Path(source), text_field, label_field)
+    labels = sorted({label for _, label in examples})
+    if len(labels) < 2:
+        raise UserError(f"{source} has only one label ({labels[0]!r}): a classifier needs at "
+                        "least two")
+    if balance:
+        examples = _undersample(examples, seed)
+    return LabelledSplits(*_split(examples, seed), labels=labels)
+
+
+def _read_sms(path: Path) -> list[tuple[str, str]]:
+    examples = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        label, _, text = line.partition("\t")
+        if text:
+            examples.append((text, label))
+    return examples
+
+
+def read_labelled(path: Path, text_field: str, label_field: str) -> list[tuple[str, str]]:
+    """(text, label) of every record of a .csv, .tsv, .jsonl or .json file; labels as strings."""
+    if not path.is_file():
+        raise UserError(f"{path} not found: give a .csv, .tsv, .jsonl or .json file of labelled "
+                        "texts, or the name sms-spam")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if suffix in (".csv", ".tsv"):
+        records: list[dict[str, Any]] = list(csv.DictReader(
+            text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+    elif suffix == ".jsonl":
+        records = [_json(line, path, n) for n, line in enumerate(text.splitlines(), 1)
+                   if line.strip()]
+    elif suffix == ".json":
+        records = _json(text, path, 1)
+        if not isinstance(records, list):
+            raise UserError(f"{path} must hold a JSON list of records")
+    else:
+        raise UserError(f"{path}: unknown format {suffix!r}; use .csv, .tsv, .jsonl or .json")
+    if not records:
+        raise UserError(f"{path} holds no records: give a file of labelled texts")
+    fields = list(records[0]) if isinstance(records[0], dict) else []
+    for name, what in ((text_field, "--text-field"), (label_field, "--label-field")):
+        if name not in fields:
+            raise UserError(f"{path} has no field {name!r} (fields: {', '.join(fields)}); "
+                            f"name the right one with {what}")
+    examples = []
+    for record in records:
+        text_value, label = record.get(text_field), record.get(label_field)
+        if text_value is None or label is None or not str(text_value).strip():
+            continue
+        examples.append((str(text_value), str(label)))
+    if not examples:
+        raise UserError(f"{path} has no record with both a text and a label")
+    return examples
+
+
+def _json(text: str, path: Path, line: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{line} is not valid JSON ({e})") from None
+
+
+def _undersample(examples: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
+    """Every class cut to the size of the smallest, keeping a seeded random subset."""
+    rng = np.random.default_rng(seed)
+    counts = Counter(label for _, label in examples)
+    smallest = min(counts.values())
+    kept = []
+    for label in sorted(counts):
+        members = [e for e in examples if e[1] == label]
+        keep = rng.choice(len(members), size=smallest, replace=False)
+        kept += [members[i] for i in sorted(keep)]
+    return kept
+
+
+def _split(examples: list[tuple[str, str]], seed: int, train: float = 0.7, val: float = 0.1):
+    """Shuffle with `seed`, then the first 70% train, the next 10% validation, the rest test."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    shuffled = [examples[i] for i in order]
+    a = int(len(shuffled) * train)
+    b = a + int(len(shuffled) * val)
+    return shuffled[:a], shuffled[a:b], shuffled[b:]
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids of each text, cut to max_length tokens; and how many texts were cut."""
+    ids, cut = [], 0
+    for text in texts:
+        row = tokenizer.encode(text)
+        if len(row) > max_length:
+            row, cut = row[:max_length], cut + 1
+        ids.append(row or [tokenizer.eot_id])  # an empty text still gives the head one token
+    return ids, cut
+
+
+def pad_batch(rows: list[list[int]], labels: list[int], pad_id: int):
+    """(ids (B, L) right-padded to the longest row, labels (B,), lengths (B,))."""
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    return ids, torch.tensor(labels), lengths
+
+
+class ClassificationBatches:
+    """Shuffled training batches, a new order each epoch (seeded), resumable; the last partial
+    batch of an epoch is dropped (as the book's DataLoader does) so every step is full."""
+
+    def __init__(self, rows: list[list[int]], labels: list[int], batch_size: int, pad_id: int,
+                 seed: int = 0):
+        if len(rows) < batch_size:
+            raise UserError(f"the training split has {len(rows)} examples, fewer than "
+                            f"train.batch_size = {batch_size}: lower the batch size")
+        self.rows, self.labels, self.batch_size = rows, labels, batch_size
+        self.pad_id, self.seed = pad_id, seed
+        self.epoch, self.index = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.rows) // self.batch_size
+
+    def next_batch(self):
+        if self.index >= self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.rows))
+        take = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        return pad_batch([self.rows[i] for i in take], [self.labels[i] for i in take],
+                         self.pad_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "classification", "epoch": self.epoch, "index": self.index,
+                "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "classification" or state.get("seed") != self.seed:
+            raise UserError("the checkpoint's data position belongs to another run: resume with "
+                            "the same data and train.seed")
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+def eval_batches(rows: list[list[int]], labels: list[int], batch_size: int, pad_id: int):
+    """Every example once, in order, in batches (the last one may be smaller)."""
+    for start in range(0, len(rows), batch_size):
+        yield pad_batch(rows[start:start + batch_size], labels[start:start + batch_size], pad_id)

@@ -1,0 +1,1 @@
+"""Fine-tuning recipes (classification, instructions) and LoRA, applied to a built model."""
