@@ -11,7 +11,7 @@ ifneq ($(wildcard ../shared/data),)
 export SCRATCHLLM_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: demo test lint install clean
+.PHONY: demo classify-demo test lint install clean
 
 install: $(STAMP)
 
@@ -33,6 +33,19 @@ demo: $(STAMP)
 		--data.shards=$(RUN)/data --resume
 	$(BIN)/scratchllm generate --checkpoint $(RUN)/model --prompt "JULIET:" \
 		--max-new-tokens 120 --temperature 0.8 --top-k 50 --seed 7
+
+# The classification demo: the main job's model (trained first if missing) fine-tuned into an
+# SMS spam classifier (shared data, offline), then used from the command line.
+SPAM := runs/spam
+classify-demo: $(STAMP) $(RUN)/model/config.toml
+	$(BIN)/scratchllm finetune classify --config configs/sms-spam-classify.toml \
+		--checkpoint $(RUN)/model --out $(SPAM) --resume
+	$(BIN)/scratchllm classify --checkpoint $(SPAM) \
+		"WINNER!! You have been selected for a FREE prize. Call 09061701461 to claim now" \
+		"Sorry, I'll be late tonight, see you at the station"
+
+$(RUN)/model/config.toml:
+	$(MAKE) demo
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

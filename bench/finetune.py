@@ -25,7 +25,7 @@ from bench.common import data_dir, torch_header  # noqa: E402
 
 SETTINGS = {
     "last1": ["--classify.trainable=last:1", "--optim.lr=1e-3"],
-    "all": ["--classify.trainable=all", "--optim.lr=5e-4"],
+    "all": ["--classify.trainable=all", "--optim.lr=2e-4", "--classify.dropout=0.1"],
     "lora8": ["--lora.rank=8", "--lora.alpha=16", "--optim.lr=2e-3"],
 }
 

@@ -117,12 +117,13 @@ def test_finetune_and_classify_through_the_cli(base, toy, tmp_path, capsys):
     assert all(0.5 < r["probability"] <= 1 for r in results)
 
 
-def test_classification_resumes_exactly(base, toy, tmp_path):
+@pytest.mark.parametrize("what", ["--classify.trainable=all", "--lora.rank=4"])
+def test_classification_resumes_exactly(base, toy, tmp_path, what):
     def losses(run):
         return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl")
                                                      .read_text().splitlines()) if "loss" in r]
 
-    args = ["--train.log_every=1", "--classify.trainable=all"]
+    args = ["--train.log_every=1", what, "--classify.dropout=0.1"]
     classifier_trainer(config(base, toy, *args), tmp_path / "full", progress=False,
                        log=lambda *_: None).run()
     stopped = classifier_trainer(config(base, toy, *args), tmp_path / "split", progress=False,

@@ -58,6 +58,7 @@ class ClassifyTask:
     trainable: str = "last:1"  # head | last:N (last N blocks + final norm + head) | all
     epochs: int = 5  # 0 = train for train.max_steps instead
     max_length: int = 0  # tokens kept per text; 0 = the model's context length
+    dropout: float = -1.0  # embedding/attention/residual dropout while training; -1 = the base's
 
     def check(self) -> None:
         """Names and ranges, checked when the config is loaded."""
@@ -69,6 +70,8 @@ class ClassifyTask:
                             "(the last N blocks, e.g. last:1)")
         check_range("classify.epochs", self.epochs, 0)
         check_range("classify.max_length", self.max_length, 0)
+        if self.dropout != -1.0:
+            check_range("classify.dropout", self.dropout, 0, 0.99)
 
 
 @dataclass
@@ -112,7 +115,8 @@ def build_classification(loop: TrainLoop) -> Recipe:
         loop.log(f"warning: {cut} texts were longer than {max_length} tokens and were cut")
     loop.log(f"{task.data}: {len(encoded['train'][0])} train, {len(encoded['val'][0])} val, "
              f"{len(encoded['test'][0])} test examples; labels {', '.join(splits.labels)}")
-    model = GPTClassifier.from_gpt(gpt, splits.labels, task.pooling)
+    model = GPTClassifier.from_gpt(gpt, splits.labels, task.pooling,
+                                   None if task.dropout < 0 else task.dropout)
     extra: dict[str, Any] = {}
     if cfg.lora.rank > 0:
         apply_lora(model, cfg.lora, trainable=["head.*"])
@@ -129,7 +133,7 @@ def build_classification(loop: TrainLoop) -> Recipe:
         steps = batches.steps_per_epoch
         cfg.train.max_steps = task.epochs * steps
         cfg.eval.every = cfg.checkpoint.every = steps
-    config = ClassifierConfig(gpt.config, splits.labels, task.pooling, extra)
+    config = ClassifierConfig(model.config, splits.labels, task.pooling, extra)
     adapters = cfg.lora.rank > 0
     return Recipe(
         model=model, batches=batches, loss=classification_loss, tokenizer=tokenizer,
@@ -258,8 +262,9 @@ def merge_checkpoint(path: str | Path, out: str | Path) -> Path:
     from scratchllm.model.gpt import save_model_files
 
     model, tokenizer, config = load_classifier(path)
-    if "lora" in config.extra:
-        model = merge_lora(model)
+    if "lora" not in config.extra:
+        raise UserError(f"{path} has no LoRA adapters: it is a plain checkpoint already")
+    model = merge_lora(model)
     plain = ClassifierConfig(config.base, config.labels, config.pooling)
     out = Path(out)
     save_model_files(out, model.state_dict(), plain)

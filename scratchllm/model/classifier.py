@@ -10,7 +10,7 @@ real token never sees the padding after it, so no attention mask is needed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -61,9 +61,15 @@ class GPTClassifier(GPT):
         self.head = nn.Linear(config.base.n_embd, len(config.labels))
 
     @classmethod
-    def from_gpt(cls, gpt: GPT, labels: list[str], pooling: str = "last") -> GPTClassifier:
-        """A classifier whose body is a copy of `gpt`'s weights and whose head is new."""
-        model = cls(ClassifierConfig(gpt.config, labels, pooling))
+    def from_gpt(cls, gpt: GPT, labels: list[str], pooling: str = "last",
+                 dropout: float | None = None) -> GPTClassifier:
+        """A classifier whose body is a copy of `gpt`'s weights and whose head is new;
+        dropout (if given) replaces the body's embedding, attention and residual dropout."""
+        base = gpt.config
+        if dropout is not None:
+            base = replace(base, embd_dropout=dropout, attn_dropout=dropout,
+                           resid_dropout=dropout)
+        model = cls(ClassifierConfig(base, labels, pooling))
         body = {k: v for k, v in gpt.state_dict().items() if not k.startswith("lm_head.")}
         model.load_state_dict({**body, **{f"head.{k}": v for k, v in
                                           model.head.state_dict().items()}})
