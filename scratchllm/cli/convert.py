@@ -102,6 +102,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str 
               overwrite: bool = False) -> Path:
     """Write an HF model directory (weights, config, tokenizer) from a scratchllm checkpoint."""
     from scratchllm.checkpoint import load_for_inference
+    from scratchllm.data.chat import CHAT_SPECIALS, hf_chat_template
     from scratchllm.model.convert import to_hf
     from scratchllm.tokenizer import Tokenizer
 
@@ -114,7 +115,10 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str 
     with staged(out, overwrite) as tmp:
         to_hf(model, tmp, _hf_special_ids(tok, model.config.pos_encoding == "learned"))
         tok.export_hf(tmp / "tokenizer.json")
-        _write_json(tmp / "tokenizer_config.json", _tokenizer_config(tok, model.config))
+        tok_config = _tokenizer_config(tok, model.config)
+        if all(t in tok.special_tokens for t in CHAT_SPECIALS):  # the chat template's tokens
+            tok_config["chat_template"] = hf_chat_template("chat")
+        _write_json(tmp / "tokenizer_config.json", tok_config)
     return out
 
 

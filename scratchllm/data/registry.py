@@ -68,6 +68,13 @@ def _instructions(paths: list[Path]) -> Iterator[str]:
         yield alpaca_text(record["instruction"], record.get("input", ""), record["output"])
 
 
+def _preferences(paths: list[Path]) -> Iterator[str]:
+    from scratchllm.data.formats import alpaca_text
+
+    for record in json.loads(_read(paths[0])):
+        yield alpaca_text(record["instruction"], record.get("input", ""), record["chosen"])
+
+
 def _gsm8k(paths: list[Path]) -> Iterator[str]:
     for line in _read(paths[0]).splitlines():
         if line.strip():
@@ -166,6 +173,13 @@ DATASETS: dict[str, Dataset] = {
                             "instruction-data/instruction-data.json", 203524,
                             "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"),),
                 _instructions),
+        Dataset("preference-data", "1,100 instructions with polite (chosen) and impolite "
+                "(rejected) responses (the book's DPO set)", "Apache-2.0",
+                (RemoteFile(f"{BOOK}/ch07/04_preference-tuning-with-dpo/"
+                            "instruction-data-with-preference.json",
+                            "preference-data/instruction-data-with-preference.json", 386968,
+                            "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"),),
+                _preferences),
         Dataset("gsm8k", "GSM8K train: 7,473 grade-school math problems with solutions", "MIT",
                 (RemoteFile(f"{RAW}/openai/grade-school-math/"
                             "3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/"

@@ -118,18 +118,21 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None, *,
                 attention_mask: Tensor | None = None, positions: Tensor | None = None,
                 cache: nn.ModuleList | None = None, input_pos: Tensor | None = None,
+                document_ids: Tensor | None = None,
                 logits_to_keep: int = 0) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, T, vocab) for token ids idx (B, T); with targets, (logits, mean loss).
 
         targets are aligned with idx (already shifted; -100 = ignore). attention_mask (B, L),
         1 = real token, 0 = padding; positions then count real tokens only, so left padding works.
         With a cache (make_cache), input_pos (T,) gives the cache slots that idx fills.
+        document_ids (B, T) packs several documents into one row: a token attends only to
+        earlier tokens of its own document (pass positions restarting per document too).
         logits_to_keep > 0 computes logits (and the loss) for the last that many positions only:
         a prefill that needs the next token's logits skips T - 1 rows of the vocab projection.
         """
         T = idx.shape[1]
         x = self.hidden(idx, attention_mask=attention_mask, positions=positions, cache=cache,
-                        input_pos=input_pos)
+                        input_pos=input_pos, document_ids=document_ids)
         if 0 < logits_to_keep < T:
             x = x[:, -logits_to_keep:]  # (B, k, C)
             if targets is not None:
@@ -141,11 +144,12 @@ class GPT(nn.Module):
 
     def hidden(self, idx: Tensor, *, attention_mask: Tensor | None = None,
                positions: Tensor | None = None, cache: nn.ModuleList | None = None,
-               input_pos: Tensor | None = None) -> Tensor:
+               input_pos: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
         """The final-norm hidden states (B, T, C) that the output projection reads (a task head
         such as a classifier reads them instead); arguments as for forward()."""
         B, T = idx.shape
-        inputs, positions = self._attn_inputs(B, T, attention_mask, positions, cache, input_pos)
+        inputs, positions = self._attn_inputs(B, T, attention_mask, positions, cache, input_pos,
+                                              document_ids)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.config.pos_encoding == "learned":
             x = x + self.pos_emb(positions)
@@ -159,9 +163,13 @@ class GPT(nn.Module):
 
     def _attn_inputs(self, B: int, T: int, attention_mask: Tensor | None,
                      positions: Tensor | None, cache: nn.ModuleList | None,
-                     input_pos: Tensor | None) -> tuple[AttnInputs, Tensor]:
+                     input_pos: Tensor | None, document_ids: Tensor | None = None
+                     ) -> tuple[AttnInputs, Tensor]:
         """Positions (B|T shaped), rotary angles and the additive mask shared by every layer."""
         cfg = self.config
+        if document_ids is not None and (cache is not None or document_ids.shape != (B, T)):
+            raise UserError(f"document_ids must be (batch, seq) = ({B}, {T}) and are for "
+                            "training (no KV cache)")
         if cache is not None:
             if input_pos is None or input_pos.shape != (T,):
                 raise UserError(f"with a KV cache pass input_pos, the {T} cache slots of idx")
@@ -192,12 +200,15 @@ class GPT(nn.Module):
             rope = (cos.unsqueeze(-3), sin.unsqueeze(-3))  # (1|B, 1, T, hd) after broadcasting
 
         mask = None
-        if cache is not None or keep is not None or alibi:
+        if cache is not None or keep is not None or alibi or document_ids is not None:
             # Rows input_pos of the precomputed (n, n) causal table, cut to the S key slots.
             mask = self.causal_bias[:, :S].index_select(0, input_pos).float()  # (T, S) 0 / -inf
             if keep is not None:  # hide padding keys; a padding query still sees itself (no NaN)
                 seen = keep[:, None, :] | (self.arange[:S] == input_pos[:, None])  # (B, T, S)
                 mask = mask.masked_fill(~seen, float("-inf"))
+            if document_ids is not None:  # packed documents: a query sees only its own one
+                same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+                mask = mask.masked_fill(~same, float("-inf"))
             mask = mask.unsqueeze(-3)  # (B|1, 1, T, S) broadcast over heads
             if alibi:  # linear penalty on the query-key distance
                 key_pos = positions if cache is None else slot_pos  # (..., S)
