@@ -116,11 +116,13 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, weights: dict[str, torch.Tensor],
-                    config, tokenizer, optimizer_state: dict, state: dict[str, Any]) -> Path:
+                    config, tokenizer, optimizer_state: dict, state: dict[str, Any],
+                    extra_files: dict[str, str] | None = None) -> Path:
     """Write a complete checkpoint for `step` atomically; return its directory.
 
     weights: the state dict to keep (the whole model, one gathered from shards, or only an
-    adapter's tensors); config: what config.json holds (anything with to_json()).
+    adapter's tensors); config: what config.json holds (anything with to_json());
+    extra_files: small text files a recipe keeps beside them (e.g. the chat template's name).
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / step_dir_name(step)
@@ -129,6 +131,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, weights: dict[str, torch.
     partial.mkdir(parents=True)
     save_model_files(partial, weights, config)
     tokenizer.save(partial / "tokenizer.json")
+    for name, text in (extra_files or {}).items():
+        atomic_write_text(partial / name, text)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     rng_tensors, rng_meta = rng_state()
     atomic_write_bytes(partial / "training.safetensors", save({**opt_tensors, **rng_tensors}))

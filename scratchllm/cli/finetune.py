@@ -1,4 +1,4 @@
-"""`scratchllm finetune classify`, `scratchllm classify` and `scratchllm merge`."""
+"""`scratchllm finetune classify|instruct`, `scratchllm classify` and `scratchllm merge`."""
 
 import argparse
 import json
@@ -32,6 +32,21 @@ def register_finetune(commands) -> None:
     p.add_argument("--resume", nargs="?", const="auto", metavar="auto|DIR",
                    help="continue the run in --out (auto) or from a checkpoint directory")
     p.set_defaults(handler=cmd_finetune_classify, accepts_overrides=True)
+
+    p = sub.add_parser(
+        "instruct", help="instruction-tune a pretrained GPT into an assistant",
+        description="Fine-tune on prompt-response pairs (Alpaca records or {\"messages\": "
+                    "[...]} conversations), learning only the responses. Sections: instruct, "
+                    "lora, train, optim, eval, checkpoint; e.g. --instruct.epochs=3 "
+                    "--lora.rank=8 --optim.lr=1e-4.")
+    p.add_argument("--checkpoint", required=True, help="the base: a checkpoint or run directory")
+    p.add_argument("--data", help="instruction-data (default) or a .json/.jsonl file")
+    p.add_argument("--template", help="alpaca (default) or chat (role tokens, multi-turn)")
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--config", type=Path, help="TOML config")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="auto|DIR",
+                   help="continue the run in --out (auto) or from a checkpoint directory")
+    p.set_defaults(handler=cmd_finetune_instruct, accepts_overrides=True)
 
 
 def register_classify(commands) -> None:
@@ -88,6 +103,25 @@ def cmd_finetune_classify(args: argparse.Namespace) -> int:
         print(f"stopped at step {result.step}; resume with --resume", file=sys.stderr)
         return 130
     print(CLASSIFY_NEXT.format(run=args.out))
+    return 0
+
+
+def cmd_finetune_instruct(args: argparse.Namespace) -> int:
+    from scratchllm.config import load_config
+    from scratchllm.finetune.instruct import InstructConfig, instruct_trainer
+
+    overrides = list(args.overrides) + [f"--instruct.checkpoint={args.checkpoint}"]
+    for flag in ("data", "template"):
+        if getattr(args, flag) is not None:
+            overrides.append(f"--instruct.{flag}={getattr(args, flag)}")
+    config = load_config(args.config, overrides, InstructConfig)
+    loop = instruct_trainer(config, args.out, resume=args.resume, progress=sys.stderr.isatty(),
+                            log=lambda message: print(message, file=sys.stderr))
+    result = loop.run()
+    if result.interrupted:
+        print(f"stopped at step {result.step}; resume with --resume", file=sys.stderr)
+        return 130
+    print(f"next:\n  scratchllm chat --checkpoint {args.out}\n  scratchllm plot {args.out}")
     return 0
 
 

@@ -79,6 +79,7 @@ class Recipe:
     weights: Callable[[], dict[str, Tensor]] | None = None
     config: Any = None
     load_weights: Callable[[dict[str, Tensor]], None] | None = None
+    extra_files: dict[str, str] = field(default_factory=dict)  # small text files to keep
 
 
 @dataclass
@@ -316,7 +317,7 @@ class TrainLoop:
             weights=recipe.weights() if recipe.weights else self.model.state_dict(),
             config=recipe.config if recipe.config is not None else self.model.config,
             tokenizer=recipe.tokenizer, optimizer_state=self.optimizer.state_dict(),
-            state=state)
+            state=state, extra_files=recipe.extra_files)
         keep = {self.best_name} if cfg.checkpoint.keep_best and self.best_name else set()
         ckpt.prune_checkpoints(self.run_dir, cfg.checkpoint.keep_last, keep)
 
