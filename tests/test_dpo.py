@@ -173,7 +173,8 @@ def test_preference_data_loads_with_book_split(data):
     # the book's split is in file order: train, then test, then val
     first, last_test = records[0], records[935 + 109]
     assert splits.train[0] == PreferencePair(
-        alpaca_text(first["instruction"], first["input"], ""), first["chosen"], first["rejected"])
+        alpaca_text(first["instruction"], first["input"], ""), first["chosen"], first["rejected"],
+        first["instruction"], first["input"])
     assert splits.test[-1].chosen == last_test["chosen"]
     assert splits.val[-1].rejected == records[-1]["rejected"]
     assert splits.train[0].prompt + splits.train[0].chosen == alpaca_text(

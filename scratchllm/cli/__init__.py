@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from scratchllm import __version__
-from scratchllm.cli import convert, data, finetune, generate, tokenizer, train
+from scratchllm.cli import chat, convert, data, evaluate, finetune, generate, tokenizer, train
 from scratchllm.errors import UserError
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -27,6 +27,8 @@ COMMANDS: dict[str, Callable] = {
     "finetune": finetune.register_finetune,
     "classify": finetune.register_classify,
     "merge": finetune.register_merge,
+    "evaluate": evaluate.register,
+    "chat": chat.register,
 }
 
 

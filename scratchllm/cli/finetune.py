@@ -1,4 +1,4 @@
-"""`scratchllm finetune classify|instruct`, `scratchllm classify` and `scratchllm merge`."""
+"""`scratchllm finetune classify|instruct|dpo`, `scratchllm classify` and `scratchllm merge`."""
 
 import argparse
 import json
@@ -47,6 +47,19 @@ def register_finetune(commands) -> None:
     p.add_argument("--resume", nargs="?", const="auto", metavar="auto|DIR",
                    help="continue the run in --out (auto) or from a checkpoint directory")
     p.set_defaults(handler=cmd_finetune_instruct, accepts_overrides=True)
+
+    p = sub.add_parser(
+        "dpo", help="preference-tune an instruction-tuned model (DPO)",
+        description="Direct preference optimisation on chosen/rejected pairs; the starting "
+                    "model is also the reference (its log-probs are computed once). Sections: "
+                    "dpo (beta, average, epochs, template), lora, train, optim, eval, checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="the instruction-tuned run to tune")
+    p.add_argument("--data", help="preference-data (default) or a .json file")
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--config", type=Path, help="TOML config")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="auto|DIR",
+                   help="continue the run in --out (auto) or from a checkpoint directory")
+    p.set_defaults(handler=cmd_finetune_dpo, accepts_overrides=True)
 
 
 def register_classify(commands) -> None:
@@ -122,6 +135,24 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
         print(f"stopped at step {result.step}; resume with --resume", file=sys.stderr)
         return 130
     print(f"next:\n  scratchllm chat --checkpoint {args.out}\n  scratchllm plot {args.out}")
+    return 0
+
+
+def cmd_finetune_dpo(args: argparse.Namespace) -> int:
+    from scratchllm.config import load_config
+    from scratchllm.finetune.preference import DPOConfig, dpo_trainer
+
+    overrides = list(args.overrides) + [f"--dpo.checkpoint={args.checkpoint}"]
+    if args.data is not None:
+        overrides.append(f"--dpo.data={args.data}")
+    config = load_config(args.config, overrides, DPOConfig)
+    loop = dpo_trainer(config, args.out, resume=args.resume, progress=sys.stderr.isatty(),
+                       log=lambda message: print(message, file=sys.stderr))
+    result = loop.run()
+    if result.interrupted:
+        print(f"stopped at step {result.step}; resume with --resume", file=sys.stderr)
+        return 130
+    print(f"next:\n  scratchllm chat --checkpoint {args.out}")
     return 0
 
 

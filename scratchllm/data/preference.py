@@ -26,6 +26,12 @@ class PreferencePair:
     prompt: str
     chosen: str
     rejected: str
+    instruction: str = ""  # the record's own fields, for templates other than Alpaca's
+    input: str = ""
+
+    def record(self, response: str) -> dict[str, str]:
+        """The Alpaca record of this prompt with `response` as its output (for data/chat.py)."""
+        return {"instruction": self.instruction, "input": self.input, "output": response}
 
 
 @dataclass
@@ -64,7 +70,8 @@ def parse_pairs(records: object, origin: str) -> list[PreferencePair]:
         if empty:
             raise UserError(f"{origin}: entry {i} has empty {', '.join(empty)}")
         prompt = alpaca_text(fields["instruction"], fields["input"], "")
-        pairs.append(PreferencePair(prompt, fields["chosen"], fields["rejected"]))
+        pairs.append(PreferencePair(prompt, fields["chosen"], fields["rejected"],
+                                    fields["instruction"], fields["input"]))
     return pairs
 
 
