@@ -181,6 +181,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _interactive(session: ChatSession) -> int:
     """The read-reply loop; /exit, Ctrl-D or Ctrl-C at the prompt end it with status 0."""
+    import signal
+
+    # Ctrl-C must raise KeyboardInterrupt even when started with SIGINT ignored (a background
+    # job of a script inherits SIG_IGN, and Python then leaves it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:

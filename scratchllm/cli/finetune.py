@@ -14,52 +14,47 @@ CLASSIFY_NEXT = """next:
 
 
 def register_finetune(commands) -> None:
-    """Add `scratchllm finetune classify`."""
+    """Add `scratchllm finetune classify|instruct|dpo`."""
     sub = command_group(commands, "finetune", "fine-tune a pretrained model for a task")
-    p = sub.add_parser(
-        "classify", help="turn a pretrained GPT into a text classifier",
-        description="Replace the LM head by a classification head and fine-tune it (and the "
-                    "last N blocks, everything, or LoRA adapters) on labelled texts. Every "
-                    "config key can be overridden as --section.key=value (sections: classify, "
-                    "lora, train, optim, eval, checkpoint), e.g. --classify.trainable=last:2 "
-                    "--lora.rank=8 --optim.lr=1e-4.")
-    p.add_argument("--checkpoint", required=True, help="the base: a checkpoint or run directory")
+    p = _recipe_parser(
+        sub, "classify", "turn a pretrained GPT into a text classifier",
+        "Replace the LM head by a classification head and fine-tune it (and the last N blocks, "
+        "everything, or LoRA adapters) on labelled texts.", "classify",
+        "the base: a checkpoint or run directory", cmd_finetune_classify)
     p.add_argument("--data", help="sms-spam (default) or a .csv/.tsv/.jsonl/.json file")
     p.add_argument("--text-field", help="field holding the text (default: text)")
     p.add_argument("--label-field", help="field holding the label (default: label)")
-    p.add_argument("--out", required=True, type=Path, help="run directory")
-    p.add_argument("--config", type=Path, help="TOML config")
-    p.add_argument("--resume", nargs="?", const="auto", metavar="auto|DIR",
-                   help="continue the run in --out (auto) or from a checkpoint directory")
-    p.set_defaults(handler=cmd_finetune_classify, accepts_overrides=True)
 
-    p = sub.add_parser(
-        "instruct", help="instruction-tune a pretrained GPT into an assistant",
-        description="Fine-tune on prompt-response pairs (Alpaca records or {\"messages\": "
-                    "[...]} conversations), learning only the responses. Sections: instruct, "
-                    "lora, train, optim, eval, checkpoint; e.g. --instruct.epochs=3 "
-                    "--lora.rank=8 --optim.lr=1e-4.")
-    p.add_argument("--checkpoint", required=True, help="the base: a checkpoint or run directory")
+    p = _recipe_parser(
+        sub, "instruct", "instruction-tune a pretrained GPT into an assistant",
+        "Fine-tune on prompt-response pairs (Alpaca records or {\"messages\": [...]} "
+        "conversations), learning only the responses.", "instruct",
+        "the base: a checkpoint or run directory", cmd_finetune_instruct)
     p.add_argument("--data", help="instruction-data (default) or a .json/.jsonl file")
     p.add_argument("--template", help="alpaca (default) or chat (role tokens, multi-turn)")
-    p.add_argument("--out", required=True, type=Path, help="run directory")
-    p.add_argument("--config", type=Path, help="TOML config")
-    p.add_argument("--resume", nargs="?", const="auto", metavar="auto|DIR",
-                   help="continue the run in --out (auto) or from a checkpoint directory")
-    p.set_defaults(handler=cmd_finetune_instruct, accepts_overrides=True)
 
-    p = sub.add_parser(
-        "dpo", help="preference-tune an instruction-tuned model (DPO)",
-        description="Direct preference optimisation on chosen/rejected pairs; the starting "
-                    "model is also the reference (its log-probs are computed once). Sections: "
-                    "dpo (beta, average, epochs, template), lora, train, optim, eval, checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="the instruction-tuned run to tune")
+    p = _recipe_parser(
+        sub, "dpo", "preference-tune an instruction-tuned model (DPO)",
+        "Direct preference optimisation on chosen/rejected pairs; the starting model is also "
+        "the reference (its log-probs are computed once).", "dpo",
+        "the instruction-tuned run to tune", cmd_finetune_dpo)
     p.add_argument("--data", help="preference-data (default) or a .json file")
+
+
+def _recipe_parser(sub, name: str, help_text: str, description: str, section: str,
+                   checkpoint_help: str, handler) -> argparse.ArgumentParser:
+    """A fine-tuning command: --checkpoint, --out, --config, --resume and overrides."""
+    p = sub.add_parser(name, help=help_text, description=(
+        f"{description} Every config key can be overridden as --section.key=value (sections: "
+        f"{section}, lora, train, optim, eval, checkpoint), e.g. --{section}.epochs=3 "
+        "--lora.rank=8 --optim.lr=1e-4."))
+    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--config", type=Path, help="TOML config")
     p.add_argument("--resume", nargs="?", const="auto", metavar="auto|DIR",
                    help="continue the run in --out (auto) or from a checkpoint directory")
-    p.set_defaults(handler=cmd_finetune_dpo, accepts_overrides=True)
+    p.set_defaults(handler=handler, accepts_overrides=True)
+    return p
 
 
 def register_classify(commands) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scratchllm.data.epochs import EpochOrder
 from scratchllm.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -158,41 +159,18 @@ def pad_batch(rows: list[list[int]], labels: list[int], pad_id: int):
     return ids, torch.tensor(labels), lengths
 
 
-class ClassificationBatches:
-    """Shuffled training batches, a new order each epoch (seeded), resumable; the last partial
-    batch of an epoch is dropped (as the book's DataLoader does) so every step is full."""
+class ClassificationBatches(EpochOrder):
+    """Shuffled training batches (ids, labels, lengths), a new order each epoch, resumable."""
 
     def __init__(self, rows: list[list[int]], labels: list[int], batch_size: int, pad_id: int,
                  seed: int = 0):
-        if len(rows) < batch_size:
-            raise UserError(f"the training split has {len(rows)} examples, fewer than "
-                            f"train.batch_size = {batch_size}: lower the batch size")
-        self.rows, self.labels, self.batch_size = rows, labels, batch_size
-        self.pad_id, self.seed = pad_id, seed
-        self.epoch, self.index = 0, 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.rows) // self.batch_size
+        super().__init__(len(rows), batch_size, seed, "classification")
+        self.rows, self.labels, self.pad_id = rows, labels, pad_id
 
     def next_batch(self):
-        if self.index >= self.steps_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.rows))
-        take = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
-        self.index += 1
+        take = self.next_indices()
         return pad_batch([self.rows[i] for i in take], [self.labels[i] for i in take],
                          self.pad_id)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "classification", "epoch": self.epoch, "index": self.index,
-                "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "classification" or state.get("seed") != self.seed:
-            raise UserError("the checkpoint's data position belongs to another run: resume with "
-                            "the same data and train.seed")
-        self.epoch, self.index = state["epoch"], state["index"]
 
 
 def eval_batches(rows: list[list[int]], labels: list[int], batch_size: int, pad_id: int):

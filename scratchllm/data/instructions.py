@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from scratchllm.data.epochs import EpochOrder
 from scratchllm.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -55,38 +55,16 @@ def split_book(examples: list) -> dict[str, list]:
             "val": examples[n_train + n_test:]}
 
 
-class SFTBatches:
-    """Rendered (ids, mask) examples in shuffled batches, a new order each epoch (seeded),
-    padded to the longest of the batch; resumable. The last partial batch of an epoch is
-    dropped so every step is full."""
+class SFTBatches(EpochOrder):
+    """Rendered (ids, mask) examples in shuffled batches, a new order each epoch, padded to the
+    longest of the batch; resumable."""
 
     def __init__(self, examples: list[tuple[list[int], list[bool]]], batch_size: int,
                  pad_id: int, seed: int = 0):
-        if len(examples) < batch_size:
-            raise UserError(f"the training split has {len(examples)} examples, fewer than "
-                            f"train.batch_size = {batch_size}: lower the batch size")
-        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
-        self.epoch, self.index = 0, 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.examples) // self.batch_size
+        super().__init__(len(examples), batch_size, seed, "sft")
+        self.examples, self.pad_id = examples, pad_id
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         from scratchllm.data.chat import pad_sft_batch
 
-        if self.index >= self.steps_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.examples))
-        take = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
-        self.index += 1
-        return pad_sft_batch([self.examples[i] for i in take], self.pad_id)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "sft", "epoch": self.epoch, "index": self.index, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "sft" or state.get("seed") != self.seed:
-            raise UserError("the checkpoint's data position belongs to another run: resume with "
-                            "the same data and train.seed")
-        self.epoch, self.index = state["epoch"], state["index"]
+        return pad_sft_batch([self.examples[i] for i in self.next_indices()], self.pad_id)

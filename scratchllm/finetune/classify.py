@@ -40,7 +40,13 @@ from scratchllm.model import GPT
 from scratchllm.model.classifier import POOLINGS, ClassifierConfig, GPTClassifier
 from scratchllm.runtime import autocast
 from scratchllm.tokenizer import load_tokenizer
-from scratchllm.train.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
+from scratchllm.train.config import (
+    CheckpointConfig,
+    EvalConfig,
+    OptimConfig,
+    TrainConfig,
+    schedule_epochs,
+)
 from scratchllm.train.loop import Recipe, TrainLoop
 
 
@@ -129,10 +135,7 @@ def build_classification(loop: TrainLoop) -> Recipe:
     pad_id = tokenizer.special_tokens.get("<|pad|>", tokenizer.eot_id)
     batches = ClassificationBatches(*encoded["train"], cfg.train.batch_size, pad_id,
                                     seed=cfg.train.seed)
-    if task.epochs:
-        steps = batches.steps_per_epoch
-        cfg.train.max_steps = task.epochs * steps
-        cfg.eval.every = cfg.checkpoint.every = steps
+    schedule_epochs(cfg, task.epochs, batches.steps_per_epoch)
     config = ClassifierConfig(model.config, splits.labels, task.pooling, extra)
     adapters = cfg.lora.rank > 0
     return Recipe(

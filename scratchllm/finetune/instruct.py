@@ -37,7 +37,13 @@ from scratchllm.model import GPT, lm_loss_sum
 from scratchllm.model.resize import grow_vocab
 from scratchllm.runtime import autocast, resolve_device, resolve_dtype, torch_dtype
 from scratchllm.tokenizer import load_tokenizer
-from scratchllm.train.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
+from scratchllm.train.config import (
+    CheckpointConfig,
+    EvalConfig,
+    OptimConfig,
+    TrainConfig,
+    schedule_epochs,
+)
 from scratchllm.train.loop import Recipe, TrainLoop
 from scratchllm.train.pretrain import next_token_loss
 
@@ -130,10 +136,7 @@ def build_instruct(loop: TrainLoop) -> Recipe:
     loop.log(format_parameter_counts(*count_parameters(model)))
     pad_id = tokenizer.special_tokens.get("<|pad|>", tokenizer.eot_id)
     batches = SFTBatches(rendered["train"], cfg.train.batch_size, pad_id, seed=cfg.train.seed)
-    if task.epochs:
-        steps = batches.steps_per_epoch
-        cfg.train.max_steps = task.epochs * steps
-        cfg.eval.every = cfg.checkpoint.every = steps
+    schedule_epochs(cfg, task.epochs, batches.steps_per_epoch)
     prompts = [render_prompt(template, example, tokenizer)
                for example in splits["val"][:task.eval_prompts]]
     return Recipe(

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from scratchllm.config import Sections, check_range
 from scratchllm.data.chat import get_template, pad_sft_batch, render
+from scratchllm.data.epochs import EpochOrder
 from scratchllm.data.preference import load_preference
 from scratchllm.errors import UserError
 from scratchllm.finetune.classify import weights_sha256
@@ -35,7 +35,13 @@ from scratchllm.finetune.lora import (
     lora_state_dict,
 )
 from scratchllm.runtime import autocast
-from scratchllm.train.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
+from scratchllm.train.config import (
+    CheckpointConfig,
+    EvalConfig,
+    OptimConfig,
+    TrainConfig,
+    schedule_epochs,
+)
 from scratchllm.train.loop import Recipe, TrainLoop
 
 
@@ -119,10 +125,7 @@ def build_dpo(loop: TrainLoop) -> Recipe:
     loop.log(format_parameter_counts(*count_parameters(model)))
     batches = PairBatches(pairs["train"], reference["train"], cfg.train.batch_size, pad_id,
                           cfg.train.seed)
-    if task.epochs:
-        steps = batches.steps_per_epoch
-        cfg.train.max_steps = task.epochs * steps
-        cfg.eval.every = cfg.checkpoint.every = max(steps // 2, 1)
+    schedule_epochs(cfg, task.epochs, batches.steps_per_epoch, evals_per_epoch=2)
 
     def loss(policy: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
         xc, yc, xr, yr, ref_c, ref_r = batch
@@ -153,37 +156,17 @@ def reference_logprobs(model: nn.Module, pairs: list, pad_id: int, average: bool
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
-class PairBatches:
+class PairBatches(EpochOrder):
     """Shuffled batches of pairs with their reference log-probs, resumable; full batches only."""
 
     def __init__(self, pairs: list, reference: Tensor, batch_size: int, pad_id: int, seed: int):
-        if len(pairs) < batch_size:
-            raise UserError(f"{len(pairs)} training pairs, fewer than train.batch_size = "
-                            f"{batch_size}: lower the batch size")
-        self.pairs, self.reference, self.batch_size = pairs, reference, batch_size
-        self.pad_id, self.seed, self.epoch, self.index = pad_id, seed, 0, 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.pairs) // self.batch_size
+        super().__init__(len(pairs), batch_size, seed, "dpo", "the training pairs")
+        self.pairs, self.reference, self.pad_id = pairs, reference, pad_id
 
     def next_batch(self) -> tuple[Tensor, ...]:
-        if self.index >= self.steps_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.pairs))
-        take = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
-        self.index += 1
+        take = self.next_indices()
         return pair_batch([self.pairs[i] for i in take], self.reference[torch.as_tensor(take)],
                           self.pad_id)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "dpo", "epoch": self.epoch, "index": self.index, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "dpo" or state.get("seed") != self.seed:
-            raise UserError("the checkpoint's data position belongs to another run: resume with "
-                            "the same data and train.seed")
-        self.epoch, self.index = state["epoch"], state["index"]
 
 
 def pair_batch(pairs: list, reference: Tensor, pad_id: int) -> tuple[Tensor, ...]:

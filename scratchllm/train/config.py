@@ -109,3 +109,11 @@ class CheckpointConfig:
         checkpoint)."""
         check_range("checkpoint.every", self.every, 1)
         check_range("checkpoint.keep_last", self.keep_last, 1)
+
+
+def schedule_epochs(config, epochs: int, steps_per_epoch: int, evals_per_epoch: int = 1) -> None:
+    """For a recipe counted in epochs: train.max_steps from the epochs, and evaluations and
+    checkpoints `evals_per_epoch` times an epoch. epochs = 0 keeps the config's own settings."""
+    if epochs:
+        config.train.max_steps = epochs * steps_per_epoch
+        config.eval.every = config.checkpoint.every = max(steps_per_epoch // evals_per_epoch, 1)

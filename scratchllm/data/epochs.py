@@ -1,0 +1,48 @@
+"""Epochs over a fixed set of examples: a new seeded order each epoch, full batches, resumable.
+
+Shared by the fine-tuning batchers (classification, instructions, preference pairs): each asks
+`next_indices()` for the examples of its next batch and turns them into tensors its own way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from scratchllm.errors import UserError
+
+
+class EpochOrder:
+    """Batch after batch of example indices: each epoch a permutation seeded by (seed, epoch);
+    the last partial batch of an epoch is dropped (as the book's DataLoader does)."""
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int, kind: str,
+                 what: str = "the training split"):
+        if n_examples < batch_size:
+            raise UserError(f"{what} has {n_examples} examples, fewer than train.batch_size = "
+                            f"{batch_size}: lower the batch size")
+        self.n, self.batch_size, self.seed, self.kind = n_examples, batch_size, seed, kind
+        self.epoch, self.index = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def next_indices(self) -> np.ndarray:
+        """The example indices of the next batch (advancing to a new epoch when one ends)."""
+        if self.index >= self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
+        take = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        return take
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.kind or state.get("seed") != self.seed:
+            raise UserError("the checkpoint's data position belongs to another run: resume with "
+                            "the same data and train.seed")
+        self.epoch, self.index = state["epoch"], state["index"]
