@@ -97,19 +97,22 @@ def test_chat_template_grows_the_vocabulary_and_is_kept(base, small_data, tmp_pa
     assert prompt[-2] == tok.special_tokens["<|assistant|>"]
 
 
-@pytest.mark.parametrize("what", ["--lora.rank=0", "--lora.rank=4"])
+@pytest.mark.parametrize("what", ["--lora.rank=0", "--lora.rank=4",
+                                  "--instruct.pack=true --train.batch_size=1"])
 def test_instruct_resumes_exactly(base, small_data, tmp_path, what):
     def losses(run):
         return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl")
                                                      .read_text().splitlines()) if "loss" in r]
 
-    args = ["--train.log_every=1", "--instruct.epochs=2", "--instruct.template=chat", what]
+    args = ["--train.log_every=1", "--instruct.epochs=2", "--instruct.template=chat",
+            *what.split()]
     instruct_trainer(config(base, small_data[1], *args), tmp_path / "full", progress=False,
                      log=lambda *_: None).run()
     stopped = instruct_trainer(config(base, small_data[1], *args), tmp_path / "split",
                                progress=False, log=lambda *_: None)
-    stopped.step_callbacks.append(lambda t, step: setattr(t, "stop_requested", step == 13))
-    assert stopped.run().step == 13
+    stop = 3 if "pack" in what else 13  # the conversations fill 3 windows of 512 tokens
+    stopped.step_callbacks.append(lambda t, step: setattr(t, "stop_requested", step == stop))
+    assert stopped.run().step == stop
     instruct_trainer(config(base, small_data[1], *args), tmp_path / "split", resume="auto",
                      progress=False, log=lambda *_: None).run()
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
@@ -161,3 +164,25 @@ def test_unknown_template_is_one_line(base, capsys, tmp_path):
     assert main(["finetune", "instruct", "--checkpoint", str(base), "--template", "chatml",
                  "--out", str(tmp_path / "run")]) == 1
     assert "instruct.template = 'chatml'" in capsys.readouterr().err
+
+
+def test_packing_fills_windows_and_keeps_the_loss(base, small_data, tmp_path):
+    from scratchllm.finetune.instruct import packed_loss
+    from scratchllm.train.pretrain import next_token_loss
+
+    loop = instruct_trainer(config(base, small_data[1], "--instruct.template=chat",
+                                   "--instruct.pack=true", "--train.batch_size=1"), tmp_path,
+                            progress=False, log=lambda *_: None)
+    loop.setup()
+    batches = loop.recipe.batches
+    assert batches.n < 40 and batches.packed.inputs.shape[1] == 512
+    x, y, docs, pos = batches.packed  # every window, against its examples one at a time
+    with torch.no_grad():
+        packed = float(packed_loss(loop.model, (x, y, docs, pos)))
+        separate = 0.0
+        for r in range(len(x)):
+            for d in range(int(docs[r].max()) + 1):
+                keep = docs[r] == d
+                row = (x[r][keep][None], y[r][keep][None])
+                separate += float(next_token_loss(loop.model, row))
+    assert packed == pytest.approx(separate, rel=1e-4)

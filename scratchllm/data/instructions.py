@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from scratchllm.data.epochs import EpochOrder
@@ -68,3 +69,22 @@ class SFTBatches(EpochOrder):
         from scratchllm.data.chat import pad_sft_batch
 
         return pad_sft_batch([self.examples[i] for i in self.next_indices()], self.pad_id)
+
+
+class PackedSFTBatches(EpochOrder):
+    """The examples packed (in a seeded order) into full context windows once, then batches of
+    windows in a new order each epoch: (inputs, targets, document ids, positions)."""
+
+    def __init__(self, examples: list[tuple[list[int], list[bool]]], window: int,
+                 batch_size: int, pad_id: int, seed: int = 0):
+        from scratchllm.data.chat import pack
+
+        order = np.random.default_rng(seed).permutation(len(examples))
+        self.packed = pack([examples[i] for i in order], window, pad_id)
+        super().__init__(len(self.packed.inputs), batch_size, seed, "sft-packed",
+                         "the packed training windows")
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        take = torch.as_tensor(self.next_indices())
+        p = self.packed
+        return p.inputs[take], p.targets[take], p.doc_ids[take], p.positions[take]

@@ -17,12 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from scratchllm.checkpoint import find_checkpoint, load_weights
 from scratchllm.config import Sections, check_choice, check_range
 from scratchllm.data.chat import TEMPLATES, get_template, render, render_prompt
 from scratchllm.data.chat import ensure_special_tokens as add_specials
-from scratchllm.data.instructions import SFTBatches, load_instructions, split_book
+from scratchllm.data.instructions import (
+    PackedSFTBatches,
+    SFTBatches,
+    load_instructions,
+    split_book,
+)
 from scratchllm.errors import UserError
 from scratchllm.finetune.classify import weights_sha256
 from scratchllm.finetune.lora import (
@@ -60,6 +66,7 @@ class InstructTask:
     data: str = "instruction-data"  # or a .json/.jsonl of Alpaca records / {"messages": [...]}
     template: str = "alpaca"  # alpaca | chat
     train_on_prompt: bool = False  # also learn the instruction (the book's exercise)
+    pack: bool = False  # several examples per context window, each attending only to itself
     epochs: int = 2  # 0 = train for train.max_steps instead
     eval_prompts: int = 3  # validation prompts answered at every evaluation
     max_new_tokens: int = 64  # for those answers
@@ -135,17 +142,30 @@ def build_instruct(loop: TrainLoop) -> Recipe:
             indent=1) + "\n"
     loop.log(format_parameter_counts(*count_parameters(model)))
     pad_id = tokenizer.special_tokens.get("<|pad|>", tokenizer.eot_id)
-    batches = SFTBatches(rendered["train"], cfg.train.batch_size, pad_id, seed=cfg.train.seed)
+    if task.pack:
+        batches = PackedSFTBatches(rendered["train"], T, cfg.train.batch_size, pad_id,
+                                   seed=cfg.train.seed)
+        loop.log(f"packed {len(rendered['train'])} examples into {batches.n} windows")
+    else:
+        batches = SFTBatches(rendered["train"], cfg.train.batch_size, pad_id,
+                             seed=cfg.train.seed)
     schedule_epochs(cfg, task.epochs, batches.steps_per_epoch)
     prompts = [render_prompt(template, example, tokenizer)
                for example in splits["val"][:task.eval_prompts]]
     return Recipe(
-        model=model, batches=batches, loss=next_token_loss, tokenizer=tokenizer,
+        model=model, batches=batches, loss=packed_loss if task.pack else next_token_loss,
+        tokenizer=tokenizer,
         evaluate=Evaluation(rendered["val"], prompts, template.end_token, pad_id, cfg),
         extra_files=extra_files,
         weights=(lambda: lora_state_dict(model, extra=EMBEDDINGS if grew else [])) if adapters
         else None,
         load_weights=(lambda state: load_lora_state_dict(model, state)) if adapters else None)
+
+
+def packed_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    """Summed next-token loss of packed windows: each token sees only its own example."""
+    x, y, documents, positions = batch
+    return lm_loss_sum(model(x, document_ids=documents, positions=positions), y)[0]
 
 
 class Evaluation:
