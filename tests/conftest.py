@@ -77,3 +77,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pretrain_tiny_base(run_dir: Path, data: Path, context_length: int, n_layer: int,
+                       steps: int) -> Path:
+    """A tiny char-level GPT pretrained for a few steps on the-verdict: a base to fine-tune."""
+    from scratchllm.config import load_config
+    from scratchllm.train import PretrainConfig, pretrainer
+
+    os.environ["SCRATCHLLM_DATA_DIR"] = str(data)
+    overrides = ["--data.source=the-verdict", "--data.tokenizer=char",
+                 f"--model.context_length={context_length}", f"--model.n_layer={n_layer}",
+                 "--model.n_head=2", "--model.n_embd=32", "--train.batch_size=2",
+                 "--eval.every=0", "--eval.batches=1", "--eval.sample_tokens=0",
+                 "--train.threads=1", f"--train.max_steps={steps}"]
+    pretrainer(load_config(None, overrides, PretrainConfig), run_dir, progress=False,
+               log=lambda *_: None).run()
+    return run_dir

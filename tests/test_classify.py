@@ -13,11 +13,7 @@ from scratchllm.errors import UserError
 from scratchllm.finetune.classify import ClassifyConfig, classifier_trainer, load_classifier
 from scratchllm.model import GPT, GPTConfig
 from scratchllm.model.classifier import GPTClassifier
-from scratchllm.train import PretrainConfig, pretrainer
-
-TINY = ["--data.source=the-verdict", "--data.tokenizer=char", "--model.context_length=64",
-        "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--train.batch_size=4",
-        "--eval.every=0", "--eval.batches=1", "--eval.sample_tokens=0", "--train.threads=1"]
+from tests.conftest import pretrain_tiny_base
 
 
 @pytest.fixture(autouse=True)
@@ -27,14 +23,8 @@ def mirror(monkeypatch, data):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, data):
-    """A tiny char-level GPT pretrained for a few steps: the base to fine-tune."""
-    import os
-
-    os.environ["SCRATCHLLM_DATA_DIR"] = str(data)
-    run = tmp_path_factory.mktemp("base")
-    pretrainer(load_config(None, [*TINY, "--train.max_steps=3"], PretrainConfig), run,
-               progress=False, log=lambda *_: None).run()
-    return run
+    """A tiny char-level base (context, layers, steps as this file needs)."""
+    return pretrain_tiny_base(tmp_path_factory.mktemp("base"), data, 64, 2, 3)
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,7 @@ from scratchllm.data.chat import render_prompt
 from scratchllm.data.instructions import load_instructions, split_book
 from scratchllm.finetune.instruct import InstructConfig, instruct_trainer, load_chat_model
 from scratchllm.model import IGNORE_INDEX
-from scratchllm.train import PretrainConfig, pretrainer
-
-BASE = ["--data.source=the-verdict", "--data.tokenizer=char", "--model.context_length=512",
-        "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--train.batch_size=2",
-        "--eval.every=0", "--eval.batches=1", "--eval.sample_tokens=0", "--train.threads=1"]
+from tests.conftest import pretrain_tiny_base
 
 
 @pytest.fixture(autouse=True)
@@ -27,13 +23,8 @@ def mirror(monkeypatch, data):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, data):
-    import os
-
-    os.environ["SCRATCHLLM_DATA_DIR"] = str(data)
-    run = tmp_path_factory.mktemp("base")
-    pretrainer(load_config(None, [*BASE, "--train.max_steps=2"], PretrainConfig), run,
-               progress=False, log=lambda *_: None).run()
-    return run
+    """A tiny char-level base (context, layers, steps as this file needs)."""
+    return pretrain_tiny_base(tmp_path_factory.mktemp("base"), data, 512, 1, 2)
 
 
 @pytest.fixture(scope="module")
