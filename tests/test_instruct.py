@@ -123,6 +123,12 @@ def test_lora_run_saves_adapters_and_embeddings_and_reloads(base, small_data, tm
     with torch.no_grad():
         torch.testing.assert_close(model(ids), loop.model.eval()(ids))
     assert template == "chat"
+    # merged into a plain checkpoint: same logits, loadable without the base, DPO-ready
+    assert main(["merge", "--checkpoint", str(run), "--out", str(tmp_path / "merged")]) == 0
+    merged, _, merged_template = load_chat_model(tmp_path / "merged")
+    assert merged_template == "chat" and not (tmp_path / "merged" / "adapter.json").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), model(ids), atol=1e-5, rtol=0)
 
 
 def test_alpaca_sft_lowers_the_response_loss(base, small_data, tmp_path):

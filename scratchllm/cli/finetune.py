@@ -77,7 +77,8 @@ def register_merge(commands) -> None:
     p = commands.add_parser(
         "merge", help="fold a LoRA run's adapters into a plain checkpoint",
         description="Write a plain checkpoint with the LoRA adapters merged into the weights "
-                    "(no base model needed to load it).")
+                    "(no base model needed to load it): a classifier, or an instruction-tuned "
+                    "model with its template.")
     p.add_argument("--checkpoint", required=True, type=Path, help="LoRA run or checkpoint")
     p.add_argument("--out", required=True, type=Path, help="directory to write")
     p.set_defaults(handler=cmd_merge)
@@ -187,6 +188,10 @@ def _read_texts(path: Path, field: str) -> list[str]:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
+    from scratchllm.checkpoint import find_checkpoint
     from scratchllm.finetune.classify import merge_checkpoint
+    from scratchllm.finetune.instruct import ADAPTER_FILE, merge_chat_checkpoint
 
-    print(f"wrote {merge_checkpoint(args.checkpoint, args.out)}")
+    instruct_run = (find_checkpoint(args.checkpoint) / ADAPTER_FILE).is_file()
+    merge = merge_chat_checkpoint if instruct_run else merge_checkpoint
+    print(f"wrote {merge(args.checkpoint, args.out)}")

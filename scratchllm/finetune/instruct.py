@@ -229,3 +229,20 @@ def load_chat_model(path: str | Path, device: str | torch.device = "auto",
         model = GPT.from_pretrained(checkpoint)
     device = resolve_device(str(device))
     return model.to(device, torch_dtype(resolve_dtype(device, dtype))).eval(), tokenizer, template
+
+
+def merge_chat_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """Write a LoRA instruction run as a plain checkpoint (adapters merged) with its template."""
+    from scratchllm.fileio import atomic_write_text
+    from scratchllm.finetune.lora import merge_lora
+
+    checkpoint = find_checkpoint(path)
+    if not (checkpoint / ADAPTER_FILE).is_file():
+        raise UserError(f"{path} has no LoRA adapters: it is a plain checkpoint already")
+    model, tokenizer, template = load_chat_model(checkpoint, "cpu")
+    out = Path(out)
+    merge_lora(model).save_pretrained(out)
+    tokenizer.save(out / "tokenizer.json")
+    if template is not None:
+        atomic_write_text(out / TEMPLATE_FILE, json.dumps({"template": template}) + "\n")
+    return out
