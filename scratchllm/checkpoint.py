@@ -166,6 +166,13 @@ def step_of(checkpoint: Path) -> int:
     return int(checkpoint.name[len(PREFIX):])
 
 
+def weights_sha256(checkpoint: Path) -> str:
+    """The sha256 of a checkpoint's model.safetensors (what a LoRA run was trained on)."""
+    from scratchllm.data.download import sha256_file
+
+    return sha256_file(checkpoint / WEIGHTS_NAME)
+
+
 def load_weights(checkpoint: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of CHECKPOINT/model.safetensors, or a UserError saying what to do."""
     try:

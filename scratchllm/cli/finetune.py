@@ -84,20 +84,29 @@ def register_merge(commands) -> None:
     p.set_defaults(handler=cmd_merge)
 
 
-def cmd_finetune_classify(args: argparse.Namespace) -> int:
+def _run_recipe(args: argparse.Namespace, schema, make_trainer, section: str,
+                flags: tuple[str, ...]):
+    """Load the recipe's config (CLI flags become [section] keys), train; (loop, result)."""
     from scratchllm.config import load_config
+
+    overrides = list(args.overrides) + [f"--{section}.checkpoint={args.checkpoint}"]
+    for flag in flags:
+        if getattr(args, flag) is not None:
+            overrides.append(f"--{section}.{flag}={getattr(args, flag)}")
+    config = load_config(args.config, overrides, schema)
+    loop = make_trainer(config, args.out, resume=args.resume, progress=sys.stderr.isatty(),
+                        log=lambda message: print(message, file=sys.stderr))
+    result = loop.run()
+    if result.interrupted:
+        print(f"stopped at step {result.step}; resume with --resume", file=sys.stderr)
+    return loop, result
+
+
+def cmd_finetune_classify(args: argparse.Namespace) -> int:
     from scratchllm.finetune.classify import ClassifyConfig, classifier_trainer
 
-    overrides = list(args.overrides) + [f"--classify.checkpoint={args.checkpoint}"]
-    for flag, key in (("data", "data"), ("text_field", "text_field"),
-                      ("label_field", "label_field")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"--classify.{key}={getattr(args, flag)}")
-    config = load_config(args.config, overrides, ClassifyConfig)
-    loop = classifier_trainer(config, args.out, resume=args.resume,
-                              progress=sys.stderr.isatty(),
-                              log=lambda message: print(message, file=sys.stderr))
-    result = loop.run()
+    loop, result = _run_recipe(args, ClassifyConfig, classifier_trainer, "classify",
+                               ("data", "text_field", "label_field"))
     confusion = result.last_eval.get("test_confusion")
     if confusion:
         labels = loop.recipe.config.labels
@@ -109,44 +118,27 @@ def cmd_finetune_classify(args: argparse.Namespace) -> int:
         print(f"test accuracy {result.last_eval['test_acc']:.2%}, "
               f"macro-F1 {result.last_eval['test_f1']:.3f}")
     if result.interrupted:
-        print(f"stopped at step {result.step}; resume with --resume", file=sys.stderr)
         return 130
     print(CLASSIFY_NEXT.format(run=args.out))
     return 0
 
 
 def cmd_finetune_instruct(args: argparse.Namespace) -> int:
-    from scratchllm.config import load_config
     from scratchllm.finetune.instruct import InstructConfig, instruct_trainer
 
-    overrides = list(args.overrides) + [f"--instruct.checkpoint={args.checkpoint}"]
-    for flag in ("data", "template"):
-        if getattr(args, flag) is not None:
-            overrides.append(f"--instruct.{flag}={getattr(args, flag)}")
-    config = load_config(args.config, overrides, InstructConfig)
-    loop = instruct_trainer(config, args.out, resume=args.resume, progress=sys.stderr.isatty(),
-                            log=lambda message: print(message, file=sys.stderr))
-    result = loop.run()
+    _, result = _run_recipe(args, InstructConfig, instruct_trainer, "instruct",
+                            ("data", "template"))
     if result.interrupted:
-        print(f"stopped at step {result.step}; resume with --resume", file=sys.stderr)
         return 130
     print(f"next:\n  scratchllm chat --checkpoint {args.out}\n  scratchllm plot {args.out}")
     return 0
 
 
 def cmd_finetune_dpo(args: argparse.Namespace) -> int:
-    from scratchllm.config import load_config
     from scratchllm.finetune.preference import DPOConfig, dpo_trainer
 
-    overrides = list(args.overrides) + [f"--dpo.checkpoint={args.checkpoint}"]
-    if args.data is not None:
-        overrides.append(f"--dpo.data={args.data}")
-    config = load_config(args.config, overrides, DPOConfig)
-    loop = dpo_trainer(config, args.out, resume=args.resume, progress=sys.stderr.isatty(),
-                       log=lambda message: print(message, file=sys.stderr))
-    result = loop.run()
+    _, result = _run_recipe(args, DPOConfig, dpo_trainer, "dpo", ("data",))
     if result.interrupted:
-        print(f"stopped at step {result.step}; resume with --resume", file=sys.stderr)
         return 130
     print(f"next:\n  scratchllm chat --checkpoint {args.out}")
     return 0

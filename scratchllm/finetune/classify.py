@@ -8,7 +8,6 @@ adapters + the head. Every epoch reports loss, accuracy and macro-F1 on each spl
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchllm.checkpoint import find_checkpoint, load_weights
+from scratchllm.checkpoint import find_checkpoint, load_weights, weights_sha256
 from scratchllm.config import Sections, check_choice, check_range
 from scratchllm.data.classification import (
     ClassificationBatches,
@@ -220,15 +219,6 @@ def macro_f1(confusion: Tensor) -> float:
     predicted, actual = confusion.sum(0).float(), confusion.sum(1).float()
     f1 = torch.where(predicted + actual > 0, 2 * tp / (predicted + actual).clamp(min=1), 0.0)
     return float(f1.mean())
-
-
-def weights_sha256(checkpoint: Path) -> str:
-    """The sha256 of a checkpoint's model.safetensors (what a LoRA run was trained on)."""
-    digest = hashlib.sha256()
-    with open(checkpoint / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu"):

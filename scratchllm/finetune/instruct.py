@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from scratchllm.checkpoint import find_checkpoint, load_weights
+from scratchllm.checkpoint import find_checkpoint, load_weights, weights_sha256
 from scratchllm.config import Sections, check_choice, check_range
 from scratchllm.data.chat import TEMPLATES, get_template, render, render_prompt
 from scratchllm.data.chat import ensure_special_tokens as add_specials
@@ -30,7 +30,6 @@ from scratchllm.data.instructions import (
     split_book,
 )
 from scratchllm.errors import UserError
-from scratchllm.finetune.classify import weights_sha256
 from scratchllm.finetune.lora import (
     LoraConfig,
     apply_lora,

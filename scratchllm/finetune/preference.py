@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from scratchllm.checkpoint import weights_sha256
 from scratchllm.config import Sections, check_range
 from scratchllm.data.chat import get_template, pad_sft_batch, render
 from scratchllm.data.epochs import EpochOrder
 from scratchllm.data.preference import load_preference
 from scratchllm.errors import UserError
-from scratchllm.finetune.classify import weights_sha256
 from scratchllm.finetune.dpo import dpo_loss, dpo_metrics, sequence_logprobs
 from scratchllm.finetune.instruct import ADAPTER_FILE, TEMPLATE_FILE, load_chat_model
 from scratchllm.finetune.lora import (

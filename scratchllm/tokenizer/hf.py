@@ -10,12 +10,12 @@ tokenizer that gives other ids. HF post-processors (e.g. Llama 3 prepending <|be
 when asked to add special tokens) are not ours: `encode` gives the ids of the text alone.
 """
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from scratchllm.errors import UserError
+from scratchllm.fileio import read_json_object
 from scratchllm.tokenizer.base import ENDOFTEXT
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.tokenizer.bytelevel import str_to_bytes
@@ -182,15 +182,7 @@ def _added_from_config(path: Path) -> list[dict[str, Any]] | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path} not found: point at a Hugging Face tokenizer file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}): re-download it or {HINT}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object: re-download it or {HINT}")
-    return data
+    return read_json_object(path, f"re-download it or {HINT}")
 
 
 def _convert(path: Path, build) -> Tokenizer:
