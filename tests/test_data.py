@@ -97,7 +97,7 @@ def test_long_documents_are_segmented_without_changing_tokens(tmp_path, data):
 # --- registry and downloads ---------------------------------------------------------------------
 EXPECTED_DOCS = {"tinyshakespeare": 1, "the-verdict": 1, "gutenberg": 13, "sms-spam": 5574,
                  "instruction-data": 1100, "preference-data": 1100, "gsm8k": 7473,
-                 "tatoeba-fra-eng": 1000,
+                 "tatoeba-fra-eng": 1000, "tatoeba-deu-eng": 1000, "tico19-en-fr": 3071,
                  "shakespeare": 38}
 
 

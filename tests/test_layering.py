@@ -14,8 +14,9 @@ LAYERS = [
     {"tokenizer", "model"},
     {"data", "generate"},  # the decoding algorithms need only a model
     {"checkpoint", "config"},
+    {"distributed"},  # layouts applied from outside the model; the loop uses them
     {"train"},  # may call generate for its eval samples
-    {"finetune", "distributed", "evaluate", "serve"},  # the later stages
+    {"finetune", "evaluate", "serve"},  # the later stages
     {"cli"},
     {"__main__"},
 ]

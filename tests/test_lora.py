@@ -10,7 +10,10 @@ from torch import nn
 
 from scratchllm.config import Sections, load_config
 from scratchllm.errors import UserError
-from scratchllm.finetune.lora import (
+from scratchllm.finetune.peft import export_peft, import_peft
+from scratchllm.model import GPT, GPTConfig
+from scratchllm.model.layers import Linear
+from scratchllm.model.lora import (
     DEFAULT_TARGETS,
     LoraConfig,
     LoRALinear,
@@ -21,9 +24,6 @@ from scratchllm.finetune.lora import (
     lora_state_dict,
     merge_lora,
 )
-from scratchllm.finetune.peft import export_peft, import_peft
-from scratchllm.model import GPT, GPTConfig
-from scratchllm.model.layers import Linear
 
 V = 61
 TOL = 1e-4  # against transformers / peft

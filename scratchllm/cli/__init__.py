@@ -9,7 +9,18 @@ import sys
 from collections.abc import Callable, Sequence
 
 from scratchllm import __version__
-from scratchllm.cli import chat, convert, data, evaluate, finetune, generate, tokenizer, train
+from scratchllm.cli import (
+    chat,
+    convert,
+    data,
+    evaluate,
+    finetune,
+    generate,
+    seq2seq,
+    serve,
+    tokenizer,
+    train,
+)
 from scratchllm.errors import UserError
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -22,6 +33,7 @@ COMMANDS: dict[str, Callable] = {
     "data": data.register_data,
     "pretrain": train.register_pretrain,
     "plot": train.register_plot,
+    "plan": train.register_plan,
     "generate": generate.register,
     "convert": convert.register,
     "finetune": finetune.register_finetune,
@@ -29,6 +41,9 @@ COMMANDS: dict[str, Callable] = {
     "merge": finetune.register_merge,
     "evaluate": evaluate.register,
     "chat": chat.register,
+    "train-seq2seq": seq2seq.register_train,
+    "translate": seq2seq.register_translate,
+    "serve": serve.register,
 }
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from scratchllm.errors import UserError
+
+if TYPE_CHECKING:
+    from scratchllm.serve.session import ChatSession
 
 DESCRIPTION = """Chat with a checkpoint (or a run directory: its newest checkpoint) in the
 terminal. Replies stream as they are generated and always end at the template's end-of-turn
@@ -25,7 +26,7 @@ PROMPT = "you> "
 REPLY = "assistant> "
 
 
-def register(commands: Any) -> argparse.ArgumentParser:
+def register(commands) -> argparse.ArgumentParser:
     """Add `scratchllm chat` to an argparse subparsers object; returns its parser."""
     p = commands.add_parser("chat", help="chat with an instruction-tuned checkpoint",
                             description=DESCRIPTION)
@@ -47,108 +48,6 @@ def register(commands: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _load(path: Path, device: str, dtype: str) -> tuple[Any, Any, str | None]:
-    """(model, tokenizer, saved template name or None); the library loader when it exists."""
-    try:
-        from scratchllm.finetune.instruct import load_chat_model
-    except ImportError:
-        load_chat_model = None
-    if load_chat_model is not None:
-        return load_chat_model(path, device, dtype)
-    from scratchllm.checkpoint import find_checkpoint, load_for_inference
-
-    checkpoint = find_checkpoint(path)
-    model, tokenizer = load_for_inference(checkpoint, device, dtype)
-    template_file = checkpoint / "template.json"
-    template = None
-    if template_file.is_file():
-        try:
-            template = json.loads(template_file.read_text(encoding="utf-8"))["template"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"cannot read {template_file} ({e}): it should be "
-                            '{"template": NAME}') from e
-    return model, tokenizer, template
-
-
-class ChatSession:
-    """The conversation so far and how to prompt the model with it."""
-
-    def __init__(self, model: Any, tokenizer: Any, template: Any, options: dict[str, Any],
-                 system: str | None = None, note: Callable[[str], None] | None = None) -> None:
-        self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.options = options  # GenerationConfig fields except stop_ids and seed
-        self.seed = options.pop("seed", None)
-        self.system = system or None
-        self.turns: list[dict[str, str]] = []  # alternating user / assistant, oldest first
-        self.replies = 0
-        self.note = note or (lambda text: print(text, file=sys.stderr, flush=True))
-        specials = tokenizer.special_tokens
-        # The end token, plus any other turn marker: a reply never runs on into a fake turn.
-        self.stop_ids = tuple(specials[t] for t in dict.fromkeys(
-            [template.end_token, *template.special_tokens, "<|endoftext|>"]) if t in specials)
-
-    def reset(self) -> None:
-        """Forget the conversation (the system message stays)."""
-        self.turns = []
-
-    def prompt_ids(self, user: str) -> list[int]:
-        """Ids prompting the reply to `user`, dropping the oldest turns that no longer fit."""
-        from scratchllm.data.chat import render_prompt
-
-        context = self.model.config.context_length
-        budget = context - self.options["max_new_tokens"]
-        if self.template.name == "alpaca":  # one instruction: history cannot be expressed
-            return self._check(render_prompt(self.template, [_user(user)], self.tokenizer))
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        turns = [*self.turns, _user(user)]
-        dropped = 0
-        while True:
-            ids = render_prompt(self.template, system + turns[dropped:], self.tokenizer)
-            if len(ids) <= budget or dropped + 1 >= len(turns):
-                break
-            dropped += 2  # one user message and its reply
-        if dropped:
-            self.turns = self.turns[dropped:]
-            self.note(f"[dropped the oldest {dropped // 2} exchange(s) to fit the "
-                      f"{context}-token context]")
-        return self._check(ids)
-
-    def _check(self, ids: list[int]) -> list[int]:
-        context = self.model.config.context_length
-        if len(ids) >= context:
-            raise UserError(f"the message makes a {len(ids)}-token prompt but the model reads at "
-                            f"most {context}: shorten it (or the system message)")
-        return ids
-
-    def reply(self, user: str, write: Callable[[str], None], header: str = "") -> str:
-        """Stream `header` and the reply to `user` through `write`; add the exchange to history.
-
-        Ctrl-C (KeyboardInterrupt) stops the reply; what was written so far is kept.
-        """
-        from scratchllm.generate import GenerationConfig, stream
-
-        ids = self.prompt_ids(user)
-        seed = None if self.seed is None else self.seed + self.replies
-        self.replies += 1
-        config = GenerationConfig(**self.options, seed=seed, stop_ids=self.stop_ids)
-        pieces: list[str] = []
-        write(header)
-        try:
-            for piece in stream(self.model, self.tokenizer, ids, config=config):
-                pieces.append(piece)
-                write(piece)
-        except KeyboardInterrupt:
-            write(" [stopped]")
-        text = "".join(pieces)
-        if text.strip():  # an empty reply is not a turn the template can hold
-            self.turns += [_user(user), {"role": "assistant", "content": text}]
-        return text
-
-
-def _user(text: str) -> dict[str, str]:
-    return {"role": "user", "content": text}
-
-
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -156,13 +55,15 @@ def _write(text: str) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Load the checkpoint and chat: once with --prompt, else interactively until /exit."""
+    from scratchllm.checkpoint import load_chat_model
     from scratchllm.data.chat import get_template
+    from scratchllm.serve.session import ChatSession
 
     if args.template is not None:
         get_template(args.template)  # a bad name fails before the model loads
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tokenizer, saved = _load(args.checkpoint, args.device, args.dtype)
+    model, tokenizer, saved = load_chat_model(args.checkpoint, args.device, args.dtype)
     name = args.template or saved
     if name is None:
         raise UserError(f"{args.checkpoint} has no template.json (a base model?): pass "

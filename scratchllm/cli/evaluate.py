@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,35 +44,12 @@ def register(commands: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _template_file(path: Path) -> str | None:
-    from scratchllm.checkpoint import find_checkpoint
-
-    for directory in (find_checkpoint(path), path):
-        file = directory / "template.json"
-        if file.is_file():
-            try:
-                return str(json.loads(file.read_text(encoding="utf-8"))["template"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise UserError(f"cannot read {file} ({e}): it should hold "
-                                "{\"template\": \"alpaca\"}; or pass --template") from e
-    return None
-
-
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(model, tokenizer, template name), through the instruct loader when it exists."""
-    try:
-        from scratchllm.finetune.instruct import load_chat_model
-    except ImportError:
-        load_chat_model = None
-    if load_chat_model is not None:
-        model, tokenizer, template = load_chat_model(args.checkpoint, device=args.device,
-                                                     dtype=args.dtype)
-    else:
-        from scratchllm.checkpoint import load_for_inference
+    """(model, tokenizer, template name): --template, else the checkpoint's template.json."""
+    from scratchllm.checkpoint import load_chat_model
 
-        model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype)
-        template = None
-    template = args.template or template or _template_file(args.checkpoint)
+    model, tokenizer, template = load_chat_model(args.checkpoint, args.device, args.dtype)
+    template = args.template or template
     if template is None:
         raise UserError(f"{args.checkpoint} does not say which prompt template it was tuned "
                         "with (no template.json): pass --template alpaca or --template chat")

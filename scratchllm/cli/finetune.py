@@ -30,7 +30,11 @@ def register_finetune(commands) -> None:
         "Fine-tune on prompt-response pairs (Alpaca records or {\"messages\": [...]} "
         "conversations), learning only the responses.", "instruct",
         "the base: a checkpoint or run directory", cmd_finetune_instruct)
-    p.add_argument("--data", help="instruction-data (default) or a .json/.jsonl file")
+    p.add_argument("--data", help="instruction-data (default), another dataset name (e.g. "
+                                  "gsm8k), a .json/.jsonl file, or hf:NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--fields", metavar="OURS=THEIRS,...",
+                   help="take instruction/input/output (or messages) from the data's own "
+                        "fields, e.g. instruction=question,output=answer")
     p.add_argument("--template", help="alpaca (default) or chat (role tokens, multi-turn)")
 
     p = _recipe_parser(
@@ -97,6 +101,8 @@ def _run_recipe(args: argparse.Namespace, schema, make_trainer, section: str,
     loop = make_trainer(config, args.out, resume=args.resume, progress=sys.stderr.isatty(),
                         log=lambda message: print(message, file=sys.stderr))
     result = loop.run()
+    if not result.is_main:  # under torchrun rank 0 reports
+        raise SystemExit(0)
     if result.interrupted:
         print(f"stopped at step {result.step}; resume with --resume", file=sys.stderr)
     return loop, result
@@ -127,7 +133,7 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
     from scratchllm.finetune.instruct import InstructConfig, instruct_trainer
 
     _, result = _run_recipe(args, InstructConfig, instruct_trainer, "instruct",
-                            ("data", "template"))
+                            ("data", "fields", "template"))
     if result.interrupted:
         return 130
     print(f"next:\n  scratchllm chat --checkpoint {args.out}\n  scratchllm plot {args.out}")

@@ -71,6 +71,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     loop = pretrainer(config, args.out, resume=args.resume, progress=sys.stderr.isatty(),
                       log=lambda message: print(message, file=sys.stderr))
     result = loop.run()
+    if not result.is_main:  # under torchrun rank 0 reports
+        return 0
     if "sample" in result.last_eval:
         print(f"\n--- sample at step {result.step} ---\n{result.last_eval['sample']}\n")
     if result.interrupted:
@@ -85,3 +87,55 @@ def cmd_plot(args: argparse.Namespace) -> None:
     from scratchllm.train.metrics import plot_run
 
     print(f"wrote {plot_run(args.run, args.out)}")
+
+
+PLAN_DESCRIPTION = """Estimate the memory per rank of a pretraining config under every layout
+(single process, DDP, ZeRO-1, ZeRO-2, FSDP/ZeRO-3, tensor parallel, each with and without
+activation checkpointing) before running it, and the largest micro-batch that fits. The model
+comes from the config's [model] (or --model PRESET); the micro-batch from train.batch_size."""
+
+
+def register_plan(commands) -> None:
+    """Add `scratchllm plan`."""
+    p = commands.add_parser("plan", help="plan memory per rank for each parallel layout",
+                            description=PLAN_DESCRIPTION)
+    p.add_argument("--config", type=Path, help="a pretraining TOML config")
+    p.add_argument("--model", metavar="PRESET", help="a model preset instead of [model] "
+                   "(e.g. gpt2-medium, tinyllama-1.1b)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N", help="ranks (default 1)")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="memory per rank, e.g. 80GB or 24GiB")
+    p.add_argument("--vocab-size", type=int, help="vocabulary (default: the model's)")
+    p.set_defaults(handler=cmd_plan, accepts_overrides=True)
+
+
+def _size(text: str) -> float:
+    """'80GB' / '24GiB' / '512MB' -> bytes (GB and GiB both read as 2**30, as GPUs are sold)."""
+    import re
+
+    from scratchllm.errors import UserError
+
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT])i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise UserError(f"--gpu-memory {text!r}: write a size such as 80GB or 24GiB")
+    return float(match[1]) * 1024 ** "KMGT".index(match[2].upper()) * 1024
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from scratchllm.config import load_config
+    from scratchllm.distributed.plan import format_plan
+    from scratchllm.errors import UserError
+    from scratchllm.model import GPTConfig
+    from scratchllm.train import PretrainConfig
+
+    if args.gpus < 1:
+        raise UserError(f"--gpus {args.gpus}: give at least 1")
+    cfg = load_config(args.config, args.overrides, PretrainConfig)
+    if args.model:
+        model = GPTConfig.preset(args.model, **({"vocab_size": args.vocab_size}
+                                                if args.vocab_size else {}))
+    else:
+        model = cfg.model_config(args.vocab_size or cfg.data.vocab_size)
+    dtype = cfg.train.dtype if cfg.train.dtype != "auto" else "bfloat16"
+    memory = _size(args.gpu_memory) if args.gpu_memory else None
+    print(format_plan(model, cfg.train.batch_size, args.gpus, memory, dtype))
+    return 0

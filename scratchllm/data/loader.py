@@ -8,7 +8,9 @@ Two shard loaders, both rank-aware and resumable from a small state dict:
   shuffled per epoch by (seed, epoch); the state is (epoch, position).
 With world_size > 1, RandomWindows gives each rank its own contiguous slice of the tokens and
 SequentialWindows gives each rank every world_size-th window of the shuffled order, so ranks
-never read the same window.
+never read the same window, and N ranks with 1/N of the accumulation steps read, step by step,
+exactly the windows one process reads (within an epoch). Every rank's position is the same,
+so rank 0's state resumes them all; SequentialWindows rescales it to another world size.
 """
 
 from collections.abc import Iterator
@@ -90,7 +92,7 @@ class RandomWindows:
         return {"kind": "random", "seed": self.seed, "rank": self.rank, "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_state(state, "random", self.seed, self.rank)
+        _check_state(state, "random", self.seed)
         self.step = int(state["step"])
 
 
@@ -136,18 +138,20 @@ class SequentialWindows:
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "sequential", "seed": self.seed, "rank": self.rank,
-                "epoch": self.epoch, "position": self.position}
+                "world_size": self.world_size, "epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_state(state, "sequential", self.seed, self.rank)
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        _check_state(state, "sequential", self.seed)
+        # Windows read so far by all ranks, shared out over this run's ranks.
+        read = int(state["position"]) * int(state.get("world_size", 1))
+        self.epoch, self.position = int(state["epoch"]), read // self.world_size
         self._order = self._epoch_order()
 
 
-def _check_state(state: dict[str, Any], kind: str, seed: int, rank: int) -> None:
-    if state.get("kind") != kind or state.get("seed") != seed or state.get("rank") != rank:
+def _check_state(state: dict[str, Any], kind: str, seed: int) -> None:
+    if state.get("kind") != kind or state.get("seed") != seed:
         raise UserError(f"loader state {state} does not belong to this {kind} loader "
-                        f"(seed {seed}, rank {rank})")
+                        f"(seed {seed}): resume with the same data.loader and train.seed")
 
 
 class SlidingWindowDataset(torch.utils.data.Dataset):

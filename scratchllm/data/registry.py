@@ -88,6 +88,45 @@ def _pairs(paths: list[Path]) -> Iterator[str]:
         yield f"English: {en}\nFrench: {fr}"
 
 
+def read_tmx(path: Path) -> list[dict[str, str]]:
+    """The translation units of a TMX file, each {language: segment text} (xml:lang as given)."""
+    import xml.etree.ElementTree as ET
+
+    lang_key = "{http://www.w3.org/XML/1998/namespace}lang"
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise UserError(f"{path} is not a readable TMX (XML) file: {e}") from None
+    units = []
+    for tu in root.iter("tu"):
+        unit = {}
+        for tuv in tu.iter("tuv"):
+            lang = tuv.get(lang_key) or tuv.get("lang") or ""
+            seg = tuv.find("seg")
+            unit[lang] = "".join(seg.itertext()).strip() if seg is not None else ""
+        units.append(unit)
+    return units
+
+
+def _german_pairs(paths: list[Path]) -> Iterator[str]:
+    german, english = (_read(p).splitlines() for p in paths)
+    for de, en in zip(german, english, strict=True):
+        yield f"English: {en}\nGerman: {de}"
+
+
+def _tmx_en_fr(paths: list[Path]) -> Iterator[str]:
+    for unit in read_tmx(paths[0]):
+        yield f"English: {unit.get('en', '')}\nFrench: {unit.get('fr', '')}"
+
+
+def _tatoeba(pair: str, files: list[tuple[str, int, str]]) -> tuple[RemoteFile, ...]:
+    """The two line-aligned files of a LASER Tatoeba pair such as 'deu-eng'."""
+    return tuple(RemoteFile(f"{RAW}/facebookresearch/LASER/74bc6ae7ffb7cba670fe0f428d0ede9f666fb821"
+                            f"/data/tatoeba/v1/tatoeba.{pair}.{lang}",
+                            f"translation/tatoeba.{pair}.{lang}", size, digest)
+                 for lang, size, digest in files)
+
+
 def _shakespeare(_: list[Path]) -> Iterator[str]:
     from scratchllm.data.shakespeare import shakespeare_plays
 
@@ -198,6 +237,21 @@ DATASETS: dict[str, Dataset] = {
                           ("eng", 36291,
                            "5634220f8a26a9a23b84753a9aec0b0832e6bdaa9da3f83e0bd84c928c3f46e3")]),
                 _pairs),
+        Dataset("tatoeba-deu-eng", "1,000 German-English sentence pairs from Tatoeba (LASER)",
+                "CC BY 2.0 FR",
+                _tatoeba("deu-eng", [
+                    ("deu", 57121,
+                     "edfa6f75a42554df388f45891735d5e4214158a99def4b73b5908af4a3054551"),
+                    ("eng", 48446,
+                     "eb9cc83a42f2c4b22f310d05311207e41abb56c2a084666cac3ee0f84d2d0b84")]),
+                _german_pairs),
+        Dataset("tico19-en-fr", "TICO-19: 3,071 English-French COVID-19 and medical sentence "
+                "pairs (a TMX translation memory)", "CC0 1.0",
+                (RemoteFile(f"{RAW}/tico-19/tico-19.github.io/"
+                            "d97615f9cffa28ec7de571e00fbd513e5a1c7fc7/data/TM/all.en-fr.tmx",
+                            "translation/tico19-all.en-fr.tmx", 1629963,
+                            "8bf9344e724ca68fdda2a725c3ba127df5e3f77f2dc7de1f9bcfc0abd7feed70"),),
+                _tmx_en_fr),
     ]
 }
 

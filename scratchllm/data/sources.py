@@ -350,17 +350,26 @@ def _parquet_segments(path: Path, options: SourceOptions) -> Iterator[Segment]:
 
 def _hf_segments(spec: str, options: SourceOptions) -> Iterator[Segment]:
     """Stream a Hugging Face dataset (hf:NAME[:CONFIG][@SPLIT]) without downloading it all."""
+    name = _hf_parts(spec)[0]
+    # Pinned to the revision prepare's key holds, when there is one.
+    for i, record in enumerate(hf_records(spec, options.revisions.get(f"hf:{spec}"))):
+        yield Segment(_field(record, options, f"hf:{name} record {i}"), f"hf:{name}#{i}")
+
+
+def hf_records(spec: str, revision: str | None = None) -> Iterator[dict]:
+    """The records of a Hugging Face dataset, streamed: spec is NAME[:CONFIG][@SPLIT] (the part
+    after 'hf:'), NAME a Hub name or a local directory of data files."""
     datasets = _datasets()
     name, config, split = _hf_parts(spec)
-    # Pinned to the revision prepare's key holds, when there is one.
-    pinned = {"revision": options.revisions[f"hf:{spec}"]} if f"hf:{spec}" in options.revisions \
-        else {}
+    pinned = {"revision": revision} if revision else {}
     try:
         stream = datasets.load_dataset(name, config, split=split, streaming=True, **pinned)
     except Exception as e:  # network, auth and name errors all come from here
         raise UserError(f"cannot open HF dataset {name!r}: {e}") from None
-    for i, record in enumerate(stream):
-        yield Segment(_field(record, options, f"hf:{name} record {i}"), f"hf:{name}#{i}")
+    try:
+        yield from stream
+    except Exception as e:  # a connection lost mid-stream, a bad data file
+        raise UserError(f"cannot read HF dataset {name!r}: {e}") from None
 
 
 def hf_revision(source: str) -> str | None:

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchllm.checkpoint import find_checkpoint, load_weights, weights_sha256
+from scratchllm.checkpoint import (
+    find_checkpoint,
+    load_model,
+    load_weights,
+    lora_base,
+    weights_sha256,
+)
 from scratchllm.config import Sections, check_choice, check_range
 from scratchllm.data.classification import (
     ClassificationBatches,
@@ -25,8 +31,11 @@ from scratchllm.data.classification import (
     eval_batches,
     load_classification,
 )
+from scratchllm.distributed.config import ParallelConfig
 from scratchllm.errors import UserError
-from scratchllm.finetune.lora import (
+from scratchllm.model import GPT
+from scratchllm.model.classifier import POOLINGS, ClassifierConfig, GPTClassifier
+from scratchllm.model.lora import (
     LoraConfig,
     apply_lora,
     count_parameters,
@@ -35,8 +44,6 @@ from scratchllm.finetune.lora import (
     lora_state_dict,
     merge_lora,
 )
-from scratchllm.model import GPT
-from scratchllm.model.classifier import POOLINGS, ClassifierConfig, GPTClassifier
 from scratchllm.runtime import autocast
 from scratchllm.tokenizer import load_tokenizer
 from scratchllm.train.config import (
@@ -91,6 +98,7 @@ class ClassifyConfig(Sections):
         lr=5e-5, min_lr=5e-5, schedule="constant", warmup_steps=0))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(sample_tokens=0))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def classifier_trainer(config: ClassifyConfig, run_dir: str | Path, resume: str | None = None,
@@ -134,6 +142,7 @@ def build_classification(loop: TrainLoop) -> Recipe:
     pad_id = tokenizer.special_tokens.get("<|pad|>", tokenizer.eot_id)
     batches = ClassificationBatches(*encoded["train"], cfg.train.batch_size, pad_id,
                                     seed=cfg.train.seed)
+    batches.shard(loop.layout.data_rank, loop.layout.data_size)  # per-rank share
     schedule_epochs(cfg, task.epochs, batches.steps_per_epoch)
     config = ClassifierConfig(model.config, splits.labels, task.pooling, extra)
     adapters = cfg.lora.rank > 0
@@ -232,14 +241,9 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu"):
     config = ClassifierConfig.from_dict(data)
     state = load_weights(checkpoint)
     if "lora" in config.extra:
-        base = Path(config.extra["base_checkpoint"])
-        if not (base / "model.safetensors").is_file():
-            raise UserError(f"the base model {base} of this LoRA run is gone: restore it, or "
-                            "use a merged checkpoint (`scratchllm merge`)")
-        if weights_sha256(base) != config.extra["base_sha256"]:
-            raise UserError(f"the base model {base} changed since this LoRA run was trained "
-                            "(sha256 differs): use the original base")
-        model = GPTClassifier.from_gpt(GPT.from_pretrained(base), config.labels, config.pooling)
+        base = lora_base(checkpoint, config.extra["base_checkpoint"],
+                         config.extra["base_sha256"])
+        model = GPTClassifier.from_gpt(load_model(base), config.labels, config.pooling)
         apply_lora(model, LoraConfig(**config.extra["lora"]), trainable=["head.*"])
         load_lora_state_dict(model, state)
     else:

@@ -16,21 +16,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from scratchllm.checkpoint import find_checkpoint, load_weights, weights_sha256
+from scratchllm.checkpoint import (  # load_chat_model: re-exported for older imports
+    ADAPTER_FILE,
+    TEMPLATE_FILE,
+    find_checkpoint,
+    load_chat_model,
+    weights_sha256,
+)
 from scratchllm.config import Sections, check_choice, check_range
-from scratchllm.data.chat import TEMPLATES, get_template, render, render_prompt
+from scratchllm.data.chat import TEMPLATES, Example, Template, get_template, render, render_prompt
 from scratchllm.data.chat import ensure_special_tokens as add_specials
 from scratchllm.data.instructions import (
     PackedSFTBatches,
     SFTBatches,
     load_instructions,
+    parse_fields,
     split_book,
 )
+from scratchllm.distributed.config import ParallelConfig
 from scratchllm.errors import UserError
-from scratchllm.finetune.lora import (
+from scratchllm.model import GPT, lm_loss_sum
+from scratchllm.model.lora import (
     LoraConfig,
     apply_lora,
     count_parameters,
@@ -38,9 +46,8 @@ from scratchllm.finetune.lora import (
     load_lora_state_dict,
     lora_state_dict,
 )
-from scratchllm.model import GPT, lm_loss_sum
 from scratchllm.model.resize import grow_vocab
-from scratchllm.runtime import autocast, resolve_device, resolve_dtype, torch_dtype
+from scratchllm.runtime import autocast
 from scratchllm.tokenizer import load_tokenizer
 from scratchllm.train.config import (
     CheckpointConfig,
@@ -52,8 +59,9 @@ from scratchllm.train.config import (
 from scratchllm.train.loop import Recipe, TrainLoop
 from scratchllm.train.pretrain import next_token_loss
 
-TEMPLATE_FILE = "template.json"  # {"template": NAME} beside every instruction-tuned model
-ADAPTER_FILE = "adapter.json"  # a LoRA run: its [lora] settings and the base it applies to
+__all__ = ["InstructConfig", "instruct_trainer", "build_instruct", "load_chat_model",
+           "merge_chat_checkpoint", "TEMPLATE_FILE", "ADAPTER_FILE"]
+
 EMBEDDINGS = ["tok_emb.*", "lm_head.*"]  # trained too when new special tokens were added
 
 
@@ -62,7 +70,10 @@ class InstructTask:
     """What to learn from, in which format, and for how long."""
 
     checkpoint: str = ""  # the base: a checkpoint or run directory (--checkpoint)
-    data: str = "instruction-data"  # or a .json/.jsonl of Alpaca records / {"messages": [...]}
+    data: str = "instruction-data"  # or a .json/.jsonl of Alpaca records / {"messages": [...]},
+    # or hf:NAME[:CONFIG][@SPLIT], a Hugging Face dataset
+    fields: list[str] = field(default_factory=list)  # ["instruction=question", ...]: our keys
+    # filled from the source's own (--fields instruction=question,output=answer for GSM8K)
     template: str = "alpaca"  # alpaca | chat
     train_on_prompt: bool = False  # also learn the instruction (the book's exercise)
     pack: bool = False  # several examples per context window, each attending only to itself
@@ -73,6 +84,7 @@ class InstructTask:
     def check(self) -> None:
         """Names and ranges, checked when the config is loaded."""
         check_choice("instruct.template", self.template, list(TEMPLATES))
+        parse_fields(self.fields)
         check_range("instruct.epochs", self.epochs, 0)
         check_range("instruct.eval_prompts", self.eval_prompts, 0)
         check_range("instruct.max_new_tokens", self.max_new_tokens, 1)
@@ -89,6 +101,7 @@ class InstructConfig(Sections):
         lr=5e-5, min_lr=5e-5, schedule="constant", warmup_steps=0))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(sample_tokens=0))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def instruct_trainer(config: InstructConfig, run_dir: str | Path, resume: str | None = None,
@@ -115,19 +128,18 @@ def build_instruct(loop: TrainLoop) -> Recipe:
                  f"the {template.name} template; embedding rows start at the mean")
         grow_vocab(model, tokenizer.vocab_size)
     T = model.config.context_length
-    splits = split_book(load_instructions(task.data))
-    rendered: dict[str, list] = {}
-    for name, examples in splits.items():
-        rendered[name], dropped = [], 0
-        for example in examples:
-            ids, mask = render(template, example, tokenizer, task.train_on_prompt)
-            if len(ids) > T + 1:  # inputs are ids[:-1]: T + 1 ids fill the context
-                dropped += 1
-                continue
-            rendered[name].append((ids, mask))
-        if dropped:
-            loop.log(f"warning: {dropped} {name} examples are longer than the context ({T} "
-                     "tokens) and were left out")
+    examples = load_instructions(task.data, task.fields)
+    splits = split_book(examples)
+    every = split_book(render_all(template, examples, tokenizer, task))
+    rendered = {name: [e for e in part if len(e[0]) <= T + 1]  # T + 1 ids fill the context
+                for name, part in every.items()}
+    if not rendered["train"]:
+        raise UserError(f"every training example of {task.data} is longer than the context "
+                        f"({T} tokens): use shorter examples or a base with a longer context")
+    for name, part in every.items():
+        if len(rendered[name]) < len(part):
+            loop.log(f"warning: {len(part) - len(rendered[name])} {name} examples are longer "
+                     f"than the context ({T} tokens) and were left out")
     loop.log(f"{task.data}: {len(rendered['train'])} train, {len(rendered['val'])} val, "
              f"{len(rendered['test'])} test examples; template {template.name}")
 
@@ -148,6 +160,7 @@ def build_instruct(loop: TrainLoop) -> Recipe:
     else:
         batches = SFTBatches(rendered["train"], cfg.train.batch_size, pad_id,
                              seed=cfg.train.seed)
+    batches.shard(loop.layout.data_rank, loop.layout.data_size)  # per-rank share
     schedule_epochs(cfg, task.epochs, batches.steps_per_epoch)
     prompts = [render_prompt(template, example, tokenizer)
                for example in splits["val"][:task.eval_prompts]]
@@ -159,6 +172,18 @@ def build_instruct(loop: TrainLoop) -> Recipe:
         weights=(lambda: lora_state_dict(model, extra=EMBEDDINGS if grew else [])) if adapters
         else None,
         load_weights=(lambda state: load_lora_state_dict(model, state)) if adapters else None)
+
+
+def render_all(template: Template, examples: list, tokenizer: Any, task: InstructTask
+               ) -> list[Example]:
+    """(ids, mask) of every example; a bad one fails with its number in the source."""
+    out = []
+    for n, example in enumerate(examples, 1):
+        try:
+            out.append(render(template, example, tokenizer, task.train_on_prompt))
+        except UserError as e:
+            raise UserError(f"{task.data}: example {n}: {e}") from None
+    return out
 
 
 def packed_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
@@ -201,46 +226,16 @@ class Evaluation:
         return record
 
 
-def load_chat_model(path: str | Path, device: str | torch.device = "auto",
-                    dtype: str = "float32") -> tuple[GPT, Any, str | None]:
-    """(model in eval mode, tokenizer, template name or None) from any checkpoint or run dir:
-    a base model, an instruction-tuned one, or a LoRA run (rebuilt on its base)."""
-    checkpoint = find_checkpoint(path)
-    template_file = checkpoint / TEMPLATE_FILE
-    template = (json.loads(template_file.read_text(encoding="utf-8"))["template"]
-                if template_file.is_file() else None)
-    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
-    adapter_file = checkpoint / ADAPTER_FILE
-    if adapter_file.is_file():
-        adapter = json.loads(adapter_file.read_text(encoding="utf-8"))
-        base = Path(adapter["base_checkpoint"])
-        if not (base / "model.safetensors").is_file():
-            raise UserError(f"the base model {base} of this LoRA run is gone: restore it")
-        if weights_sha256(base) != adapter["base_sha256"]:
-            raise UserError(f"the base model {base} changed since this LoRA run was trained "
-                            "(sha256 differs): use the original base")
-        model = GPT.from_pretrained(base)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            grow_vocab(model, tokenizer.vocab_size)
-        apply_lora(model, LoraConfig(**adapter["lora"]), trainable=adapter["trainable"])
-        load_lora_state_dict(model, load_weights(checkpoint))
-    else:
-        model = GPT.from_pretrained(checkpoint)
-    device = resolve_device(str(device))
-    return model.to(device, torch_dtype(resolve_dtype(device, dtype))).eval(), tokenizer, template
-
-
 def merge_chat_checkpoint(path: str | Path, out: str | Path) -> Path:
     """Write a LoRA instruction run as a plain checkpoint (adapters merged) with its template."""
     from scratchllm.fileio import atomic_write_text
-    from scratchllm.finetune.lora import merge_lora
 
     checkpoint = find_checkpoint(path)
     if not (checkpoint / ADAPTER_FILE).is_file():
         raise UserError(f"{path} has no LoRA adapters: it is a plain checkpoint already")
-    model, tokenizer, template = load_chat_model(checkpoint, "cpu")
+    model, tokenizer, template = load_chat_model(checkpoint, "cpu")  # adapters merged
     out = Path(out)
-    merge_lora(model).save_pretrained(out)
+    model.save_pretrained(out)
     tokenizer.save(out / "tokenizer.json")
     if template is not None:
         atomic_write_text(out / TEMPLATE_FILE, json.dumps({"template": template}) + "\n")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from scratchllm.errors import UserError
 from scratchllm.fileio import atomic_write_bytes, atomic_write_text, read_json_object
-from scratchllm.finetune.lora import (
+from scratchllm.model.lora import (
     LoRALinear,
     check_trainable,
     check_untied,

@@ -17,20 +17,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from scratchllm.checkpoint import weights_sha256
+from scratchllm.checkpoint import (
+    ADAPTER_FILE,
+    TEMPLATE_FILE,
+    find_checkpoint,
+    load_chat_model,
+    weights_sha256,
+)
 from scratchllm.config import Sections, check_range
 from scratchllm.data.chat import get_template, pad_sft_batch, render
 from scratchllm.data.epochs import EpochOrder
 from scratchllm.data.preference import load_preference
+from scratchllm.distributed.config import ParallelConfig
 from scratchllm.errors import UserError
 from scratchllm.finetune.dpo import dpo_loss, dpo_metrics, sequence_logprobs
-from scratchllm.finetune.instruct import ADAPTER_FILE, TEMPLATE_FILE, load_chat_model
-from scratchllm.finetune.lora import (
+from scratchllm.model.lora import (
     LoraConfig,
     apply_lora,
     count_parameters,
     format_parameter_counts,
-    has_lora,
     load_lora_state_dict,
     lora_state_dict,
 )
@@ -73,6 +78,7 @@ class DPOConfig(Sections):
         lr=5e-6, min_lr=5e-6, schedule="constant", warmup_steps=0))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(sample_tokens=0))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def dpo_trainer(config: DPOConfig, run_dir: str | Path, resume: str | None = None,
@@ -87,10 +93,8 @@ def dpo_trainer(config: DPOConfig, run_dir: str | Path, resume: str | None = Non
 def build_dpo(loop: TrainLoop) -> Recipe:
     """Policy (and reference log-probs), rendered pairs, batches and the reward evaluation."""
     cfg, task = loop.config, loop.config.dpo
+    # A LoRA run comes back merged: DPO tunes (and LoRA-DPO adapts) the merged model.
     model, tokenizer, template_name = load_chat_model(task.checkpoint, "cpu")
-    if has_lora(model):
-        raise UserError(f"{task.checkpoint} is a LoRA run: merge it into a plain checkpoint "
-                        "first (scratchllm merge), then tune that")
     template = get_template(task.template or template_name or "alpaca")
     splits = load_preference(task.data)
     T = model.config.context_length
@@ -111,12 +115,9 @@ def build_dpo(loop: TrainLoop) -> Recipe:
                  for name, p in pairs.items()}  # the policy before any step: the reference
     loop.log(f"{task.data}: {len(pairs['train'])} train and {len(pairs['val'])} val pairs; "
              f"template {template.name}; reference log-probs computed")
-    base_dir = Path(task.checkpoint)
     extra_files = {TEMPLATE_FILE: json.dumps({"template": template.name}) + "\n"}
     adapters = cfg.lora.rank > 0
     if adapters:
-        from scratchllm.checkpoint import find_checkpoint
-
         base_dir = find_checkpoint(task.checkpoint)
         apply_lora(model, cfg.lora)
         extra_files[ADAPTER_FILE] = json.dumps({
@@ -125,6 +126,7 @@ def build_dpo(loop: TrainLoop) -> Recipe:
     loop.log(format_parameter_counts(*count_parameters(model)))
     batches = PairBatches(pairs["train"], reference["train"], cfg.train.batch_size, pad_id,
                           cfg.train.seed)
+    batches.shard(loop.layout.data_rank, loop.layout.data_size)  # per-rank share
     schedule_epochs(cfg, task.epochs, batches.steps_per_epoch, evals_per_epoch=2)
 
     def loss(policy: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:

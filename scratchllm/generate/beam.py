@@ -8,6 +8,12 @@ at max_new_tokens, or early: with early_stopping once num_beams hypotheses are f
 otherwise once no running beam can still beat the worst of the num_beams best finished ones
 (an exact bound, since log-probabilities are <= 0). Temperature does not change beam search;
 the penalties do.
+
+One implementation serves both model kinds: the search drives a decoding window (prefill,
+append, next_logits, reorder). For a GPT that is generate.engine.Window and the prompt is
+continued; for an encoder-decoder (`model.is_encoder_decoder`) it is the model's DecodeState and
+the prompt is the source, encoded once for all beams, with the penalties counting only the
+generated target tokens.
 """
 
 from __future__ import annotations
@@ -61,10 +67,13 @@ def best_possible(sum_logprob: float, length: int, max_length: int, length_penal
 @torch.inference_mode()
 def beam_search(model: nn.Module, prompt: list[int], cfg: GenerationConfig,
                 tokenizer: BaseTokenizer | None = None) -> Completion:
-    """The highest-scoring continuation of one prompt found by beam search."""
+    """The highest-scoring continuation of one prompt (for an encoder-decoder model: the best
+    target for one source) found by beam search."""
     t0 = time.perf_counter()
-    prompt = fit_prompt(prompt, model, cfg.truncate_prompt)
-    result = Completion(prompt_ids=prompt)
+    seq2seq = getattr(model, "is_encoder_decoder", False)
+    if not seq2seq:
+        prompt = fit_prompt(prompt, model, cfg.truncate_prompt)
+    result = Completion(prompt_ids=list(prompt))
     K, N, lp = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
     if N == 0:
         result.text = "" if tokenizer is not None else None
@@ -72,9 +81,13 @@ def beam_search(model: nn.Module, prompt: list[int], cfg: GenerationConfig,
     was_training = model.training
     model.eval()
     try:
-        window = Window(model, [prompt] * K, N, cfg)
+        if seq2seq:  # the source is encoded once; every beam starts from the decoder's bos
+            window = model.start_decoding([prompt], N, copies=K, use_cache=cfg.use_cache)
+        else:
+            window = Window(model, [prompt] * K, N, cfg)
         device = window.tokens.device
-        history = History([prompt] * K, model.config.vocab_size, device) \
+        seen = [] if seq2seq else prompt  # what the penalties count besides the new tokens
+        history = History([seen] * K, model.config.vocab_size, device) \
             if cfg.has_penalties else None
         scores = torch.full((K,), -math.inf, device=device)
         scores[0] = 0.0  # all beams start identical: expand only the first

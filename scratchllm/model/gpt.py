@@ -59,6 +59,7 @@ class GPT(nn.Module):
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.kv_heads = cfg.n_kv_head  # per process: tensor parallelism splits the heads
         self.init_buffers()
         self.init_weights()
 
@@ -100,6 +101,13 @@ class GPT(nn.Module):
             for proj in (block.attn.o_proj, block.mlp.down_proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
+    def shard_heads(self, rank: int, degree: int) -> None:
+        """Tensor parallelism: this process computes heads [rank * H / degree, ...) of every
+        layer, so its KV caches hold n_kv_head / degree heads and ALiBi uses those heads' slopes."""
+        self.kv_heads = self.config.n_kv_head // degree
+        if self.config.pos_encoding == "alibi":
+            self.alibi_slopes = self.alibi_slopes.view(degree, -1)[rank].clone()
+
     def make_cache(self, batch_size: int, max_seq: int | None = None,
                    dtype: torch.dtype | None = None, device: torch.device | str | None = None
                    ) -> nn.ModuleList:
@@ -110,7 +118,7 @@ class GPT(nn.Module):
             raise UserError(f"cache length {max_seq} must be in 1..context_length "
                             f"({cfg.context_length}): shorten the generation")
         weight = self.tok_emb.weight
-        return make_caches(cfg.n_layer, batch_size, cfg.n_kv_head, max_seq, cfg.head_dim,
+        return make_caches(cfg.n_layer, batch_size, self.kv_heads, max_seq, cfg.head_dim,
                            dtype or weight.dtype, device or weight.device)
 
     # ---- forward ----------------------------------------------------------------------------

@@ -112,3 +112,36 @@ def alibi_slopes(n_head: int) -> Tensor:
     if closest < n_head:  # the paper's recipe: take every other slope of the next power of 2
         slopes += powers(2 * closest)[0::2][: n_head - closest]
     return torch.tensor(slopes, dtype=torch.float32)
+
+
+# ---- additions for the encoder-decoder (model/seq2seq.py) ----------------------------------
+
+ACTIVATIONS = {  # name -> function; the names transformers' configs use where they exist
+    "relu": F.relu,  # the original Transformer
+    "gelu": F.gelu,  # exact (erf) GELU, Marian's and BART's "gelu"
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,  # = "swish", what OPUS-MT Marian models use
+}
+
+
+class ActMLP(nn.Module):
+    """Up-project, a named activation (ACTIVATIONS), down-project: the paper's FFN."""
+
+    def __init__(self, n_embd: int, hidden: int, activation: str, bias: bool = True,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.up_proj = Linear(n_embd, hidden, bias=bias)
+        self.down_proj = Linear(hidden, n_embd, bias=bias)
+        self.act = ACTIVATIONS[activation]
+        self.dropout = make_dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.down_proj(self.act(self.up_proj(x)))
+        return y if self.dropout is None else self.dropout(y)
+
+
+def sinusoidal_table_split(n_pos: int, dim: int) -> Tensor:
+    """(n_pos, dim) sinusoids with sin in the first half and cos in the second (fairseq and
+    Marian), the same frequencies as sinusoidal_table's interleaved layout."""
+    table = sinusoidal_table(n_pos, dim)
+    return torch.cat([table[:, 0::2], table[:, 1::2]], dim=1)

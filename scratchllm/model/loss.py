@@ -41,6 +41,12 @@ class _CrossEntropySum(torch.autograd.Function):
 def lm_loss_sum(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX
                 ) -> tuple[Tensor, Tensor]:
     """Summed fp32 cross-entropy of logits (B, T, V) vs targets (B, T), and the target count."""
+    if hasattr(logits, "placements"):  # vocabulary-sharded DTensor logits (loss_parallel)
+        import torch.nn.functional as F
+
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=ignore_index, reduction="sum")
+        return loss.full_tensor(), (targets != ignore_index).sum()
     loss = _CrossEntropySum.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                   ignore_index)
     return loss, (targets != ignore_index).sum()

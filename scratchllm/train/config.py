@@ -8,7 +8,7 @@ from scratchllm.config import check_choice, check_range
 from scratchllm.errors import UserError
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
+SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay)
+    # | inverse_sqrt (the Transformer paper's: lr * sqrt(warmup_steps / step) after warmup)
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to min_lr
 

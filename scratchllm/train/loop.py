@@ -3,12 +3,15 @@ guard, evaluation, checkpoints, exact resume, metrics, progress and Ctrl-C.
 
 A recipe (pretraining, fine-tuning, ...) is a function that builds a `Recipe`: the model, the
 training batches, a loss function and an evaluation hook. The loop knows nothing else about
-the task, and it never branches on how the model was wrapped (compile, checkpointing, later
-DDP/FSDP): it trains `train_model` and saves `model`.
+the task, and it never branches on how the model was laid out: `distributed.parallelize`
+applies tensor parallelism, activation checkpointing, compile and DDP/ZeRO/FSDP from outside;
+the loop trains `train_model` and saves `model` through `distributed.checkpoint`.
 
-One step: fetch the micro-batches of the step, count their real targets, then for each
-micro-batch add loss_sum / count to the gradients, so k accumulated micro-batches give exactly
-the gradient of one batch k times larger. Clip, step, repeat.
+One step: fetch this rank's micro-batches of the step, count the real targets of the whole
+global batch (summed over data-parallel ranks), then for each micro-batch add
+loss_sum / count to the gradients, so k accumulated micro-batches on N ranks give exactly the
+gradient of one batch kN times larger. Clip, step, repeat. Under torchrun only rank 0 prints,
+writes metrics and writes the checkpoint files that are not shards.
 """
 
 from __future__ import annotations
@@ -28,20 +31,16 @@ import torch
 from torch import Tensor, nn
 
 from scratchllm import checkpoint as ckpt
+from scratchllm.distributed.checkpoint import load_run, save_run
+from scratchllm.distributed.config import ParallelConfig
+from scratchllm.distributed.env import setup_layout
+from scratchllm.distributed.parallelize import clip_grad_norm, parallelize
 from scratchllm.errors import UserError
 from scratchllm.fileio import atomic_write_text
 from scratchllm.model import IGNORE_INDEX
-from scratchllm.runtime import (
-    autocast,
-    peak_flops,
-    resolve_device,
-    resolve_dtype,
-    seed_everything,
-    set_threads,
-)
+from scratchllm.runtime import autocast, peak_flops, resolve_dtype, seed_everything, set_threads
 from scratchllm.train.metrics import MetricsLog, plot_run
 from scratchllm.train.optim import build_optimizer, lr_at
-from scratchllm.train.wrap import prepare_model
 
 
 class Batches(Protocol):
@@ -91,6 +90,7 @@ class TrainResult:
     checkpoint: Path | None
     val_loss: float | None = None
     last_eval: dict[str, Any] = field(default_factory=dict)
+    is_main: bool = True  # False on torchrun ranks other than 0, which report nothing
 
 
 class TrainLoop:
@@ -111,31 +111,42 @@ class TrainLoop:
 
     # --- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Everything before the first step: run dir, device, seed, the recipe, the optimizer,
-        the resumed state, then compile/checkpointing wrappers from outside the model."""
+        """Everything before the first step: the process layout, run dir, device, seed, the
+        recipe, the model laid out (TP, AC, compile, FSDP/DDP), the optimizer, the resumed
+        state."""
         cfg, run_dir = self.config, self.run_dir
+        # A recipe config without a [parallel] section runs as one process.
+        self.layout = setup_layout(getattr(cfg, "parallel", None) or ParallelConfig("none"),
+                                   cfg.train.device)
+        if not self.layout.is_main:  # one voice: rank 0 prints, logs and draws progress
+            self.log, self.progress = (lambda *args, **kwargs: None), False
+        self.device = self.layout.device
         resume_from = self._resume_checkpoint()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.recover_checkpoints(run_dir)
-        self.device = resolve_device(cfg.train.device)
+        if self.layout.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.recover_checkpoints(run_dir)
+        self.layout.barrier()
         cfg.train.dtype = resolve_dtype(self.device, cfg.train.dtype)
         set_threads(cfg.train.threads)
-        seed_everything(cfg.train.seed)
+        seed_everything(cfg.train.seed)  # the same on every rank: the same initial weights
         self.recipe = self.build(self)
         # After build: a recipe may derive settings (e.g. max_steps from epochs).
-        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
+        if self.layout.is_main:
+            atomic_write_text(run_dir / "config.toml", cfg.to_toml())
         self.model = self.recipe.model.to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.train_model = parallelize(self.model, self.layout, cfg.train.activation_checkpointing,
+                                       cfg.train.compile, cfg.train.dtype)
+        zero = self.layout.data_layout == "zero1"
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device,
+                                         self.layout.mesh["data"].get_group() if zero else None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.dtype == "float16")
         self.step, self.best_val, self.best_name, self.last_val = 0, math.inf, None, None
         self.tokens_seen = 0
         if resume_from is not None:
             self._load(resume_from)
-        # Compile and activation checkpointing wrap the model from outside, after loading.
-        self.train_model = prepare_model(self.model, cfg.train)
         self.peak = cfg.train.peak_flops or peak_flops(self.device, cfg.train.dtype)
         self.metrics = MetricsLog(run_dir, resume_step=self.step if resume_from else None,
-                                  log=self.log)
+                                  log=self.log) if self.layout.is_main else _NoMetrics()
         self.last_checkpoint = resume_from
 
     def _resume_checkpoint(self) -> Path | None:
@@ -151,12 +162,11 @@ class TrainLoop:
         return ckpt.find_checkpoint(self.resume)
 
     def _load(self, checkpoint: Path) -> None:
-        weights = ckpt.load_weights(checkpoint, self.device)
         # Our models' load_weights restores tied weights and explains a mismatch.
         load = (self.recipe.load_weights or getattr(self.model, "load_weights", None)
                 or self.model.load_state_dict)
-        load(weights)
-        state = ckpt.load_training_state(checkpoint, self.optimizer)
+        state = load_run(self.layout, checkpoint, model=self.model, optimizer=self.optimizer,
+                         load_weights=load)
         self.recipe.batches.load_state_dict(state["loader"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val = state.get("best_val", math.inf) or math.inf
@@ -176,7 +186,7 @@ class TrainLoop:
             self._bar = _bar(self.step, max_steps, self.progress, self.name)
             window_tokens, window_time = 0, 0.0  # training steps only, not eval or saving
             try:
-                while self.step < max_steps and not self.stop_requested:
+                while self.step < max_steps and not self._stopping():
                     start = time.perf_counter()
                     loss, grad_norm, tokens = self.train_step()
                     window_time += time.perf_counter() - start
@@ -200,10 +210,13 @@ class TrainLoop:
             finally:
                 self._bar.close()
                 self.metrics.close()
-                with contextlib.suppress(UserError):
-                    plot_run(self.run_dir)
+                if self.layout.is_main:
+                    with contextlib.suppress(UserError):
+                        plot_run(self.run_dir)
+                self.layout.close()
         result.step, result.checkpoint = self.step, self.last_checkpoint
         result.interrupted, result.val_loss = self.step < max_steps, self.last_val
+        result.is_main = self.layout.is_main
         return result
 
     def _evaluate_and_save(self, result: TrainResult, last: bool) -> None:
@@ -221,23 +234,38 @@ class TrainLoop:
         if save:
             self.save()
 
+    def _stopping(self) -> bool:
+        """A stop request (Ctrl-C, SIGTERM) on any rank stops every rank after the same step."""
+        if not self.layout.distributed:
+            return self.stop_requested
+        import torch.distributed as dist
+
+        flag = torch.tensor(float(self.stop_requested), device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag > 0)
+
     def train_step(self) -> tuple[float, float | None, int]:
         """One optimizer step over `accumulation` micro-batches: (loss, grad norm, tokens)."""
-        cfg, recipe = self.config, self.recipe
+        cfg, recipe, layout = self.config, self.recipe, self.layout
         lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = [recipe.batches.next_batch() for _ in range(recipe.accumulation)]
-        # Every micro-batch divides by the real targets of the whole step (exact accumulation).
-        n_targets = sum(recipe.count_targets(batch) for batch in batches)
+        # Every micro-batch divides by the real targets of the whole global step (exact
+        # accumulation on any number of ranks).
+        n_targets = layout.sum_over_data(sum(recipe.count_targets(batch) for batch in batches))
+        # DDP and FSDP average gradients over the data ranks; the loss is already the global
+        # mean, so scale each rank's part back up to a sum.
+        scale = layout.data_size / max(n_targets, 1)
         total = torch.zeros((), device=self.device)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
-            with autocast(self.device, cfg.train.dtype):
-                loss = recipe.loss(self.train_model, batch) / max(n_targets, 1)
-            self.scaler.scale(loss).backward()
+            with layout.micro_step(self.train_model, last=i == len(batches) - 1):
+                with autocast(self.device, cfg.train.dtype):
+                    loss = recipe.loss(self.train_model, batch) * scale
+                self.scaler.scale(loss).backward()
             total += loss.detach()
-        loss_value = float(total)
+        loss_value = layout.sum_over_data(float(total)) / layout.data_size
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             if cfg.train.nan_policy == "skip":
@@ -250,12 +278,11 @@ class TrainLoop:
         grad_norm = None
         if cfg.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                             cfg.train.grad_clip))
+            grad_norm = clip_grad_norm(self.model, cfg.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm, sum(int(batch[0].numel()) for batch in batches)
+        return loss_value, grad_norm, layout.data_size * sum(int(b[0].numel()) for b in batches)
 
     def _log_step(self, loss: float, grad_norm: float | None, tps: float) -> None:
         record: dict[str, Any] = {
@@ -266,7 +293,9 @@ class TrainLoop:
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         if self.peak and self.recipe.flops_per_token:
-            record["mfu"] = round(self.recipe.flops_per_token * tps / self.peak, 4)
+            # the peak is one device's: the run has world_size of them
+            record["mfu"] = round(self.recipe.flops_per_token * tps
+                                  / (self.peak * self.layout.world_size), 4)
         self.metrics.write(record)
         postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
         if "mfu" in record:
@@ -312,14 +341,15 @@ class TrainLoop:
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                  "config": cfg.to_dict()}
         recipe = self.recipe
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.run_dir, self.step,
-            weights=recipe.weights() if recipe.weights else self.model.state_dict(),
+        self.last_checkpoint = save_run(
+            self.layout, self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+            weights=recipe.weights,
             config=recipe.config if recipe.config is not None else self.model.config,
-            tokenizer=recipe.tokenizer, optimizer_state=self.optimizer.state_dict(),
-            state=state, extra_files=recipe.extra_files)
-        keep = {self.best_name} if cfg.checkpoint.keep_best and self.best_name else set()
-        ckpt.prune_checkpoints(self.run_dir, cfg.checkpoint.keep_last, keep)
+            tokenizer=recipe.tokenizer, state=state, extra_files=recipe.extra_files)
+        if self.layout.is_main:
+            keep = {self.best_name} if cfg.checkpoint.keep_best and self.best_name else set()
+            ckpt.prune_checkpoints(self.run_dir, cfg.checkpoint.keep_last, keep)
+        self.layout.barrier()
 
     @contextlib.contextmanager
     def _signals(self):
@@ -341,6 +371,16 @@ class TrainLoop:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+class _NoMetrics:
+    """What ranks other than 0 write metrics to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _bar(start: int, total: int, enabled: bool, name: str):

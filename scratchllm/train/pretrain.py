@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from scratchllm.config import Sections, check_choice, check_range
 from scratchllm.data.loader import RandomWindows, SequentialWindows, load_tokens
+from scratchllm.distributed.config import ParallelConfig
 from scratchllm.errors import UserError
 from scratchllm.model import GPT, GPTConfig, lm_loss_sum
 from scratchllm.model.flops import flops_per_token
@@ -28,7 +29,9 @@ from scratchllm.train.loop import Recipe, TrainLoop
 class DataConfig:
     """What to train on and how to tokenize it."""
 
-    source: str = "shakespeare"  # any `scratchllm prepare` source
+    # Any `scratchllm prepare` sources, read and tokenized together as one corpus: a TOML list
+    # (["shakespeare", "gutenberg"]) or, on the command line, --data.source=shakespeare,gutenberg.
+    source: list[str] = field(default_factory=lambda: ["shakespeare"])
     tokenizer: str = "bpe"  # "bpe" or "char" (trained on source), or a tokenizer JSON path
     vocab_size: int = 4096  # for tokenizer = "bpe"
     shards: str = ""  # an already-prepared directory; default RUN_DIR/data
@@ -37,6 +40,11 @@ class DataConfig:
 
     def check(self) -> None:
         """Ranges and names, checked when the config is loaded (before any work)."""
+        if isinstance(self.source, str):  # set from Python: one source, or a comma list
+            self.source = [s.strip() for s in self.source.split(",") if s.strip()]
+        if not self.source:
+            raise UserError("data.source is empty: name a corpus, e.g. shakespeare, or several "
+                            'as a list: ["shakespeare", "gutenberg"]')
         check_range("data.vocab_size", self.vocab_size, 1)
         check_range("data.val_fraction", self.val_fraction, 0, 1)
         check_choice("data.loader", self.loader, ("random", "sequential"))
@@ -57,6 +65,7 @@ class PretrainConfig(Sections):
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def check(self) -> None:
         """The [model] section must make a valid GPTConfig (checked with data.vocab_size)."""
@@ -80,7 +89,11 @@ def pretrainer(config: PretrainConfig, run_dir: str | Path, resume: str | None =
 def build_pretraining(loop: TrainLoop) -> Recipe:
     """Tokenizer and shards (made if needed), the model, the loaders, loss and evaluation."""
     cfg = loop.config
+    if not loop.layout.is_main:  # rank 0 trains the tokenizer and prepares the shards first
+        loop.layout.barrier()
     tokenizer, shards = ensure_data(cfg.data, loop.run_dir, loop.progress, loop.log)
+    if loop.layout.is_main:
+        loop.layout.barrier()
     model = init_model(cfg, tokenizer.vocab_size, loop.log)
     T = model.config.context_length
     train_tokens = load_tokens(shards, "train", tokenizer)
@@ -89,11 +102,13 @@ def build_pretraining(loop: TrainLoop) -> Recipe:
     loader_cls = {"random": RandomWindows, "sequential": SequentialWindows}.get(cfg.data.loader)
     if loader_cls is None:
         raise UserError(f"unknown data.loader {cfg.data.loader!r}: random or sequential")
-    batches = loader_cls(train_tokens, cfg.train.batch_size, T, seed=cfg.train.seed)
+    layout = loop.layout  # each data-parallel rank reads its own windows
+    batches = loader_cls(train_tokens, cfg.train.batch_size, T, seed=cfg.train.seed,
+                         rank=layout.data_rank, world_size=layout.data_size)
     evaluation = Evaluation(val_tokens, tokenizer, cfg, T)
     return Recipe(model=model, batches=batches, loss=next_token_loss, tokenizer=tokenizer,
-                  accumulation=accumulation_steps(cfg.train, T), evaluate=evaluation,
-                  flops_per_token=flops_per_token(model.config, T))
+                  accumulation=accumulation_steps(cfg.train, T, layout.data_size),
+                  evaluate=evaluation, flops_per_token=flops_per_token(model.config, T))
 
 
 def check_before_training(cfg: PretrainConfig, tokenizer, T: int, shards: Path,
@@ -142,7 +157,7 @@ class Evaluation:
                   "val_bpb": nats / math.log(2) / max(n_bytes, 1)}
         loop.say(f"step {loop.step}: val loss {val_loss:.4f}, ppl {record['val_ppl']:.2f}, "
                  f"{record['val_bpb']:.3f} bits/byte")
-        if cfg.eval.sample_tokens > 0:
+        if cfg.eval.sample_tokens > 0 and loop.layout.can_generate:
             record["sample"] = sample(loop.model, self.tokenizer, cfg.eval.prompt,
                                       cfg.eval.sample_tokens, cfg.eval.temperature,
                                       cfg.eval.top_k or None)
@@ -176,18 +191,18 @@ def ensure_data(cfg: DataConfig, run_dir: Path, progress: bool, log):
         if not path.is_file():
             from scratchllm.data.sources import sample_texts
 
-            log(f"training a {cfg.tokenizer} tokenizer on {cfg.source}")
-            texts, _ = sample_texts([cfg.source])  # at most 100M characters, spread evenly
+            log(f"training a {cfg.tokenizer} tokenizer on {', '.join(cfg.source)}")
+            texts, _ = sample_texts(cfg.source)  # at most 100M characters, spread evenly
             tok = (CharTokenizer.train(texts) if cfg.tokenizer == "char" else
                    Tokenizer.train(texts, cfg.vocab_size, progress=progress))
             tok.save(path)
     else:
         path = Path(cfg.tokenizer)
     shards = run_dir / "data"
-    meta = prepare([cfg.source], path, shards, PrepareOptions(val_fraction=cfg.val_fraction),
+    meta = prepare(cfg.source, path, shards, PrepareOptions(val_fraction=cfg.val_fraction),
                    progress=progress)
     if not meta["up_to_date"]:
-        log(f"prepared {cfg.source}: {meta['splits']['train']['tokens']:,} train and "
+        log(f"prepared {', '.join(cfg.source)}: {meta['splits']['train']['tokens']:,} train and "
             f"{meta['splits']['val']['tokens']:,} val tokens")
     return load_tokenizer(path), shards
 
@@ -215,14 +230,16 @@ def init_model(cfg: PretrainConfig, vocab_size: int, log) -> GPT:
     return model.train()
 
 
-def accumulation_steps(train: TrainConfig, context_length: int) -> int:
-    """Micro-batches per optimizer step: train.batch_tokens / (batch_size * context_length)."""
-    micro = train.batch_size * context_length
+def accumulation_steps(train: TrainConfig, context_length: int, data_ranks: int = 1) -> int:
+    """Micro-batches per optimizer step on each rank: train.batch_tokens (the global batch) /
+    (batch_size * context_length * data-parallel ranks)."""
+    micro = train.batch_size * context_length * data_ranks
     if train.batch_tokens <= 0:
         return 1
     if train.batch_tokens % micro:
+        ranks = f" * {data_ranks} data-parallel ranks" if data_ranks > 1 else ""
         raise UserError(f"train.batch_tokens ({train.batch_tokens}) must be a multiple of "
-                        f"batch_size * context_length ({micro})")
+                        f"batch_size * context_length{ranks} ({micro})")
     return train.batch_tokens // micro
 
 
