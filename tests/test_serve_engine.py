@@ -11,7 +11,7 @@ from scratchllm.errors import UserError
 from scratchllm.generate import generate
 from scratchllm.generate.sampling import SamplingConfig
 from scratchllm.model import GPT, GPTConfig
-from scratchllm.serve.engine import Delta, Done, Engine, QueueFull, Request
+from scratchllm.serve.engine import Delta, Done, Engine, QueueFull, Request, _inverse_cdf
 from scratchllm.tokenizer import CharTokenizer, Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,6 +108,49 @@ def test_seeded_sampling_is_the_same_in_any_company(tok):
               for p in prompts_of([5, 30, 17], tok.vocab_size)]
     run(engine, {0: others[:2], 3: [mine], 6: others[2:]})
     assert rec.tokens == expected
+
+
+def test_rows_sampled_together_keep_their_own_seeds(tok):
+    # Rows with the same settings are sampled in one batch (one softmax, seeded draws per row):
+    # each seeded row still gives what generate() gives alone; greedy and unseeded rows mixed in.
+    model = tiny_model(tok.vocab_size)
+    sampling = dict(temperature=0.8, top_p=0.95)
+    prompts = prompts_of([12, 7, 20, 3], tok.vocab_size)
+    seeded = [request(p, 25, sampling=SamplingConfig(**sampling), seed=s)
+              for s, p in enumerate(prompts)]
+    greedy, rec_greedy = request(prompts[0], 25)
+    unseeded = request(prompts[1], 25, sampling=SamplingConfig(**sampling))[0]
+    engine = Engine(model, tok, slots=6)
+    later = [unseeded, *(r for r, _ in seeded[2:])]
+    run(engine, {0: [r for r, _ in seeded[:2]] + [greedy], 2: later})
+    for s, (prompt, (_, rec)) in enumerate(zip(prompts, seeded, strict=True)):
+        assert rec.tokens == generate(model, prompt, 25, seed=s, **sampling)
+    assert rec_greedy.tokens == generate(model, prompts[0], 25, temperature=0)
+
+
+def test_unseeded_rows_draw_from_their_distribution(monkeypatch):
+    # Unseeded rows draw by inverse CDF (one uniform number per row): frequencies follow the
+    # probabilities, and a token of probability 0 is never drawn, even at u's very top.
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0]]).expand(100_000, 5).contiguous()
+    counts = torch.bincount(_inverse_cdf(probs), minlength=5) / len(probs)
+    assert torch.allclose(counts, probs[0], atol=0.01) and counts[1] == counts[4] == 0
+    monkeypatch.setattr(torch, "rand_like", torch.ones_like)  # u = 1: the total itself
+    assert _inverse_cdf(probs[:1]).tolist() == [3]
+
+
+def test_prompts_are_prefilled_together_within_the_budget(tok):
+    # Waiting prompts are read in one left-padded forward, as many as fit prefill_tokens
+    # (padded size); each still decodes what it would alone.
+    model = tiny_model(tok.vocab_size)
+    prompts = prompts_of([8, 3, 8, 5], tok.vocab_size)
+    pairs = [request(p, 10) for p in prompts]
+    engine = Engine(model, tok, slots=4, prefill_tokens=24)
+    engine.submit(*(r for r, _ in pairs))
+    engine.step()  # 8 + 3 -> 2 x 8 = 16; a third makes 3 x 8 = 24; a fourth 4 x 8 > 24
+    assert engine.stats()["active"] == 3 and engine.stats()["waiting"] == 1
+    run(engine, {0: []})
+    for prompt, (_, rec) in zip(prompts, pairs, strict=True):
+        assert rec.tokens == generate(model, prompt, 10, temperature=0)
 
 
 def test_stop_strings_and_stop_ids(tok):

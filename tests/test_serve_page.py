@@ -31,6 +31,10 @@ def server(tmp_path_factory):
                            context_length=2048)
     model, tok, template = load_chat_model(ckpt, "cpu")
     engine = Engine(model, tok, slots=2)
+    step = engine.step
+    # At least 2 ms a token: the greedy reply (2000 tokens) is still streaming when the test
+    # looks, however fast the machine.
+    engine.step = lambda: (step(), time.sleep(0.002))
     with ServerThread(create_app(engine, ServerConfig("tiny", get_template(template)))) as s:
         yield s.url
 

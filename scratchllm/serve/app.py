@@ -69,9 +69,12 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        handlers.inbox = Inbox(asyncio.get_running_loop())
+        engine.flush = handlers.inbox.wake
         engine.start()
         yield
         engine.stop()
+        engine.flush = None
 
     app = FastAPI(title="scratchllm", lifespan=lifespan, docs_url=None, redoc_url=None)
     handlers = _Handlers(engine, config)
@@ -210,12 +213,11 @@ async def _send_json(send: Callable, status: int, body: dict[str, Any]) -> None:
 class Pending:
     """The engine requests of one HTTP request; their events, in order, as an async iterator."""
 
-    def __init__(self, engine: Engine, requests: list[Request]) -> None:
+    def __init__(self, engine: Engine, requests: list[Request], inbox: Inbox) -> None:
         self.engine, self.requests = engine, requests
         self.queue: asyncio.Queue[tuple[int, Delta | Done]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
         for i, req in enumerate(requests):
-            req.emit = partial(_post, loop, self.queue, i)
+            req.emit = partial(inbox.post, self.queue, i)
         self.open = len(requests)
 
     def submit(self) -> None:
@@ -267,9 +269,40 @@ class Pending:
         return choices
 
 
-def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int,
-          event: Delta | Done) -> None:
-    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+class Inbox:
+    """Events from the engine's thread into the event loop's queues, handed over in batches.
+
+    Waking the loop (call_soon_threadsafe writes to its self-pipe) costs the engine's thread a
+    system call, and the woken loop takes the GIL while the engine still has work: so `post`
+    only collects, and `wake` (the engine's flush, once per burst: a decode step's tokens)
+    hands the batch over.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.events: list[tuple[asyncio.Queue, tuple[int, Delta | Done]]] = []
+        self.waking = False  # a wake-up is on its way: later events ride along
+
+    def post(self, queue: asyncio.Queue, index: int, event: Delta | Done) -> None:
+        """Collect (index, event) for `queue` (the engine's thread)."""
+        with self.lock:
+            self.events.append((queue, (index, event)))
+
+    def wake(self) -> None:
+        """Have the loop deliver what was posted (the engine's thread)."""
+        with self.lock:
+            if self.waking or not self.events:
+                return
+            self.waking = True
+        self.loop.call_soon_threadsafe(self.deliver)  # a closed loop raises: requests cancel
+
+    def deliver(self) -> None:
+        """Put everything posted so far into its queue (the loop)."""
+        with self.lock:
+            events, self.events, self.waking = self.events, [], False
+        for queue, item in events:
+            queue.put_nowait(item)
 
 
 @dataclass
@@ -307,6 +340,14 @@ class _Handlers:
         self.context = engine.context
         self.page_html = resources.files("scratchllm.serve").joinpath("page.html").read_text(
             encoding="utf-8")
+        self.inbox: Inbox | None = None  # set at startup, with the engine's flush
+
+    def _pending(self, requests: list[Request]) -> Pending:
+        """The requests wired to the inbox, submitted to the engine."""
+        assert self.inbox is not None, "the app's lifespan starts the engine and the inbox"
+        pending = Pending(self.engine, requests, self.inbox)
+        pending.submit()
+        return pending
 
     async def health(self) -> dict[str, Any]:
         """Liveness and load: slots, active rows, waiting requests."""
@@ -336,8 +377,7 @@ class _Handlers:
                                   body.logprobs)
                     for prompt in prompts for i in range(n)]
         prompt_tokens = sum(len(p) for p in prompts)
-        pending = Pending(self.engine, requests)
-        pending.submit()
+        pending = self._pending(requests)
         rid = new_id("cmpl")
         if body.stream:
             chunks = self._completion_chunks(pending, rid, body, prompt_tokens)
@@ -369,8 +409,7 @@ class _Handlers:
         max_tokens = body.max_completion_tokens or body.max_tokens or self.context
         requests = [self._request(body, prompt, max_tokens, end_ids(template, self.tokenizer),
                                   i, top) for i in range(n)]
-        pending = Pending(self.engine, requests)
-        pending.submit()
+        pending = self._pending(requests)
         rid = new_id("chatcmpl")
         if body.stream:
             return _sse(self._chat_chunks(pending, rid, body, len(prompt)))

@@ -8,15 +8,17 @@ by an earlier occupant of the slot). Its own `positions` (its length) make it co
 what it would alone. A decode step runs one forward over the active rows only, reading only the
 columns in use (views of the big buffers).
 
-Between steps, new requests are prefilled alone (a batch-1 cache) and their keys and values
-copied into a free row, ending at `col` (all rows move right first when the prompt is longer
-than `col`); finished or cancelled ones leave, the last row moving into the freed one. When
-`col` reaches the end of the buffer, all rows move left by what none of them uses (or the
-buffer doubles, up to the context). A request never outgrows the context: prompt + max_tokens
-<= context_length, so after moving left there is always a free column.
+Between steps, new requests are prefilled together (their own cache, the prompts left-padded
+to the longest) and each one's keys and values copied into a free row, ending at `col` (all
+rows move right first when a prompt is longer than `col`); finished or cancelled ones leave,
+the last row moving into the freed one. When `col` reaches the end of the buffer, all rows move
+left by what none of them uses (or the buffer doubles, up to the context). A request never
+outgrows the context: prompt + max_tokens <= context_length, so after moving left there is
+always a free column.
 
 The engine runs in one background thread (`start`); `submit` and `cancel` may be called from
-any thread, and each request reports through its `emit` callback, called in the engine thread.
+any thread, and each request reports through its `emit` callback, called in the engine thread
+in bursts (after the admissions, after the decode step), each burst followed by `flush`.
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from scratchllm.errors import UserError
 from scratchllm.generate.engine import make_generator, model_device
-from scratchllm.generate.sampling import History, SamplingConfig, sample_next
+from scratchllm.generate.sampling import History, SamplingConfig, process_logits
 from scratchllm.generate.text import TextStream
 from scratchllm.model.cache import KVCache
 from scratchllm.tokenizer import BaseTokenizer
@@ -99,6 +101,7 @@ class _Seq:
         self.history = History([req.prompt], vocab, device) if req.sampling.has_penalties \
             else None
         self.plain_greedy = req.sampling.greedy and self.history is None
+        self.key = astuple(req.sampling)  # rows with equal keys sample in one batch
         self.stop_ids = frozenset(req.stop_ids)
         self.length = len(req.prompt)  # tokens in the cache
         self.generated = 0  # tokens sampled (a stop token included): usage's count
@@ -138,7 +141,11 @@ class Engine:
         self._width = 0
         self._buffers: list[Tensor] = []  # k and v of every layer, (slots, kv_heads, width, hd)
         self._views: dict[tuple[int, int], nn.ModuleList] = {}
-        self._prefilling: Request | None = None
+        self._prefilling: list[Request] = []  # taken from the queue, being prefilled
+        self._outbox: list[tuple[Request, Event]] = []  # events to deliver after this phase
+        # Called after each burst of events (in the engine's thread): a listener in another
+        # thread hands them over in one go (the server wakes its event loop once per burst).
+        self.flush: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
         self._running = False
         self.steps = 0  # decode steps run
@@ -208,6 +215,7 @@ class Engine:
             self._done(req, "cancelled", 0)
         for seq in self._rows:
             self._done(seq.req, "cancelled", seq.generated)
+        self._deliver()
         self._reset()
 
     def _free_slots(self) -> int:
@@ -223,11 +231,10 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # a bug or out of memory: fail what is in flight, go on
-                failed = [seq.req for seq in self._rows]
-                if self._prefilling is not None:
-                    failed.append(self._prefilling)
+                failed = [seq.req for seq in self._rows] + self._prefilling
                 for req in failed:
                     self._done(req, "error", 0, f"{type(e).__name__}: {e}")
+                self._deliver()
                 self._reset()
 
     # ---- the engine's thread ------------------------------------------------------------------
@@ -235,44 +242,71 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """Drop cancelled requests, admit waiting ones into free slots, then decode one token
-        for every active row. Call it from one thread only (start() runs it in a loop)."""
-        self._leave([i for i, seq in enumerate(self._rows) if seq.req.cancelled], "cancelled")
-        self._admit()
-        if self._rows:
-            self._decode()
+        for every active row. Call it from one thread only (start() runs it in a loop).
+
+        Events reach the listeners in two bursts, after the admissions and after the decode
+        step, not one by one amid the work: a listener in another thread (the server's event
+        loop) is woken once per burst and does not contend for the GIL meanwhile."""
+        try:
+            self._leave([i for i, seq in enumerate(self._rows) if seq.req.cancelled],
+                        "cancelled")
+            self._admit()
+            self._deliver()
+            if self._rows:
+                self._decode()
+        finally:
+            self._deliver()
 
     def _admit(self) -> None:
-        budget = self.prefill_tokens
-        while len(self._rows) < self.slots and budget > 0:
+        """Prefill waiting requests into free slots, together: as many as fit, their prompts
+        left-padded to the longest within prefill_tokens (at least one request)."""
+        while True:
             with self._cond:
-                if not self._waiting:
-                    return
-                req = self._waiting.popleft()
+                if not self._waiting or len(self._rows) + len(self._prefilling) >= self.slots:
+                    break
+                req = self._waiting[0]
+                longest = max([len(req.prompt), *(len(r.prompt) for r in self._prefilling)])
+                if self._prefilling and \
+                        longest * (len(self._prefilling) + 1) > self.prefill_tokens:
+                    break
+                self._waiting.popleft()
             if req.cancelled:
                 self._done(req, "cancelled", 0)
-                continue
-            budget -= len(req.prompt)
-            self._prefilling = req
-            self._prefill(req)
-            self._prefilling = None
+            else:
+                self._prefilling.append(req)
+        if self._prefilling:
+            self._prefill(self._prefilling)
+            self._prefilling = []
 
-    def _prefill(self, req: Request) -> None:
-        """Read the prompt alone, sample its first token, and give it a row unless it ended."""
-        seq = _Seq(req, self.tokenizer, self.context, self.vocab, self.device)
-        L = seq.length
-        cache = self.model.make_cache(1, L)
-        x = torch.tensor([req.prompt], device=self.device)
-        logits = self.model(x, cache=cache, input_pos=self._arange[:L], logits_to_keep=1)
-        if self._choose([seq], logits[:, -1]):
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Read the prompts in one forward (left-padded: a mask hides the padding and each row
+        counts its own positions, so it computes what it would alone), sample their first
+        tokens, and give each request a row unless it ended."""
+        seqs = [_Seq(req, self.tokenizer, self.context, self.vocab, self.device) for req in reqs]
+        L = max(seq.length for seq in seqs)
+        x = torch.zeros(len(reqs), L, dtype=torch.long, device=self.device)
+        keep = torch.ones(len(reqs), L, dtype=torch.bool, device=self.device)
+        for i, req in enumerate(reqs):
+            x[i, L - len(req.prompt):] = torch.tensor(req.prompt, device=self.device)
+            keep[i, :L - len(req.prompt)] = False
+        cache = self.model.make_cache(len(reqs), L)
+        logits = self.model(x, cache=cache, input_pos=self._arange[:L], logits_to_keep=1,
+                            attention_mask=None if keep.all() else keep)
+        ended = set(self._choose(seqs, logits[:, -1]))
+        staying = [i for i in range(len(seqs)) if i not in ended]
+        if not staying:
             return
-        if self._col < L:  # every row moves right so that the prompt fits before col
-            self._ensure_width(L + 1)
-            self._move(L)
+        longest = max(seqs[i].length for i in staying)
+        if self._col < longest:  # every row moves right so that the prompts fit before col
+            self._ensure_width(longest + 1)
+            self._move(longest)
         self._ensure_width(self._col + 1)
-        row, col = len(self._rows), self._col
-        for buffer, layer in zip(self._buffers, _kv(cache), strict=True):
-            buffer[row, :, col - L:col] = layer[0, :, :L]
-        self._rows.append(seq)
+        col = self._col
+        for i in staying:
+            row, n = len(self._rows), seqs[i].length
+            for buffer, layer in zip(self._buffers, _kv(cache), strict=True):
+                buffer[row, :, col - n:col] = layer[i, :, L - n:]
+            self._rows.append(seqs[i])
 
     def _decode(self) -> None:
         """One token for every active row: one forward over all of them."""
@@ -295,16 +329,11 @@ class Engine:
     def _choose(self, seqs: list[_Seq], logits: Tensor) -> list[int]:
         """Sample one token per sequence from logits (n, V), report it; the indices that ended."""
         logits = logits.float()
-        greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in seqs) else None
+        tokens = self._sample(seqs, logits)
         want_logprobs = any(s.req.logprobs is not None for s in seqs)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         ended = []
-        for i, seq in enumerate(seqs):
-            if seq.plain_greedy:
-                token = greedy[i]
-            else:
-                token = int(sample_next(logits[i:i + 1], seq.history, seq.req.sampling,
-                                        seq.generator))
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if seq.history is not None:
                 seq.history.add(torch.tensor([token], device=self.device))
             delta = Delta("", token)
@@ -315,6 +344,42 @@ class Engine:
             if self._accept(seq, token, delta):
                 ended.append(i)
         return ended
+
+    def _sample(self, seqs: list[_Seq], logits: Tensor) -> list[int]:
+        """The next token of every row of logits (n, V).
+
+        Rows with the same settings share each tensor op (greedy rows one argmax; sampled rows
+        one temperature, filter and softmax). A seeded row draws as sample_next does, from its
+        generator: the same token as alone. Unseeded rows draw together, one uniform number
+        each (torch.multinomial draws one per vocabulary entry: most of a small model's
+        sampling time). A row with penalties reads its own history: it goes alone."""
+        groups: dict[object, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            key = "greedy" if seq.plain_greedy else i if seq.history is not None else \
+                (seq.key, seq.generator is None)
+            groups.setdefault(key, []).append(i)
+        if len(groups) == 1:  # the usual case: every row alike
+            return self._sample_group(seqs, logits, list(range(len(seqs)))).tolist()
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        for rows in groups.values():
+            index = torch.tensor(rows, device=logits.device)
+            tokens[index] = self._sample_group(seqs, logits.index_select(0, index), rows)
+        return tokens.tolist()
+
+    def _sample_group(self, seqs: list[_Seq], logits: Tensor, rows: list[int]) -> Tensor:
+        """Tokens (len(rows),) for the rows' logits, the rows sampling alike."""
+        first = seqs[rows[0]]
+        if first.plain_greedy:
+            return logits.argmax(-1)
+        cfg = first.req.sampling
+        logits = process_logits(logits, cfg, first.history)  # history: a group of one
+        if cfg.greedy:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits, dim=-1)
+        if first.generator is None:  # unseeded: torch's global RNG
+            return _inverse_cdf(probs)
+        return torch.cat([torch.multinomial(probs[j:j + 1], 1, generator=seqs[i].generator)
+                          .squeeze(-1) for j, i in enumerate(rows)])
 
     def _accept(self, seq: _Seq, token: int, delta: Delta) -> bool:
         """Record a sampled token and emit its text; True when the sequence ended."""
@@ -398,19 +463,44 @@ class Engine:
         return self._views[key]
 
     def _reset(self) -> None:
-        self._rows, self._col, self._prefilling = [], 0, None
+        self._rows, self._col, self._prefilling = [], 0, []
 
     # ---- reporting ----------------------------------------------------------------------------
 
     def _emit(self, req: Request, event: Event) -> None:
-        try:
-            req.emit(event)
-        except Exception:  # the listener is gone (e.g. the server is shutting down): stop it
-            req.cancelled = True
+        self._outbox.append((req, event))
+
+    def _deliver(self) -> None:
+        """Call the listeners of the events emitted so far, in order, then `flush`."""
+        if not self._outbox:
+            return
+        events, self._outbox = self._outbox, []
+        for req, event in events:
+            try:
+                req.emit(event)
+            except Exception:  # the listener is gone (e.g. the server is shutting down): stop it
+                req.cancelled = True
+        if self.flush is not None:
+            try:
+                self.flush()
+            except Exception:  # as above, for every request of the burst
+                for req, _ in events:
+                    req.cancelled = True
 
     def _done(self, req: Request, reason: str, generated: int, error: str | None = None) -> None:
         self.cancellations += reason == "cancelled"
         self._emit(req, Done(reason, len(req.prompt), generated, error))
+
+
+def _inverse_cdf(probs: Tensor) -> Tensor:
+    """One token per row of probs (n, V), drawn with one uniform number u per row: the first
+    token whose cumulative probability exceeds u times the total."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    # Below the total even after rounding, so a token of probability 0 is never chosen.
+    below = torch.nextafter(total, torch.zeros_like(total))
+    u = torch.minimum(torch.rand_like(total) * total, below)
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
 def _kv(caches: nn.ModuleList) -> list[Tensor]:
