@@ -48,6 +48,19 @@ def matmul_peaks(device: str, dtypes: list[str], seconds: float = 1.0) -> dict[s
     return {d: peak_flops(torch.device(device), d) for d in dict.fromkeys(dtypes)}
 
 
+def copy_bandwidth(mib: int = 512, repeats: int = 10) -> float:
+    """Memory bandwidth in bytes/s, STREAM's copy kernel: b[:] = a over arrays far larger than
+    any cache, bytes read + bytes written per second, the best of `repeats` on torch's threads."""
+    a = torch.ones(mib * 2**20 // 4)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.numel() * a.element_size() / best
+
+
 def describe_peaks(device: str, peaks: dict[str, float]) -> str:
     """One line saying what MFU is measured against."""
     if device.startswith("cuda"):

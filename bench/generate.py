@@ -1,13 +1,18 @@
 """Greedy generation speed: scratchllm's KV-cache engine vs its cache-less loop vs HF `generate`.
 
-The same random weights for all three (ours imported from a GPT2LMHeadModel built from a config,
-no hub access), fp32, greedy, exactly --new-tokens new tokens from a short prompt (8 tokens), at
-batch 1 and batch 8. Each decode step is timed (the gap between two consecutive tokens, from our
-per-step iterator and from an HF stopping criterion called once per token), and tokens/s is
-batch / median step time: robust to the noise of a shared machine. Time to first token is the
-median of 3 runs of one token. The cache-less loop recomputes the whole sequence every step, so
-its cost grows with length; it runs --nocache-tokens tokens only (its median step is then that
-of a shorter sequence: a generous number for it). Not run by CI.
+The same random weights for all (ours imported from a GPT2LMHeadModel built from a config,
+no hub access), greedy, exactly --new-tokens new tokens from a short prompt (8 tokens), at
+batch 1 and batch 8. Ours runs in fp32 and in `--dtype auto`'s dtype (bf16 where the CPU
+multiplies bf16 natively), HF in fp32 and, where native, bf16: "vs HF" compares with HF's best.
+A decode step is memory-bound: "GB/s" is the bytes a step must read (every matmul weight once,
+lm_head included, plus the KV cache of the positions so far) over the step's time, and "of copy"
+that as a share of this machine's memory bandwidth, measured first by a STREAM-like copy. Each
+decode step is timed (the gap between two consecutive tokens, from our per-step iterator and from
+an HF stopping criterion called once per token), and tokens/s is batch / median step time: robust
+to the noise of a shared machine. Time to first token is the median of 3 runs of one token. The
+cache-less loop recomputes the whole sequence every step, so its cost grows with length; it runs
+--nocache-tokens tokens only (its median step is then that of a shorter sequence: a generous number
+for it). Not run by CI.
 
     python bench/generate.py [--cases baby,gpt2-small] [--batches 1,8] [--new-tokens 500]
                              [--threads N] [--profile]
@@ -29,11 +34,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine, table  # noqa: E402
+from bench.common import copy_bandwidth, machine, table  # noqa: E402
 from scratchllm.generate import GenerationConfig  # noqa: E402
 from scratchllm.generate.engine import sample_stream  # noqa: E402
 from scratchllm.model import GPTConfig  # noqa: E402
 from scratchllm.model.convert import from_hf  # noqa: E402
+from scratchllm.model.flops import count_params  # noqa: E402
+from scratchllm.runtime import DTYPES, resolve_dtype  # noqa: E402
 
 PROMPT_LEN = 8
 # The baby GPT as nanoGPT trains it (10.7M): character-level, 65 ids; context 512 for room
@@ -87,33 +94,58 @@ def hf_steps(hf, prompts: list[list[int]], n: int) -> tuple[list, list]:
         out[:, x.shape[1]:].tolist()
 
 
-def run_case(name: str, batch: int, args) -> list[list[object]]:
+def step_bytes(cfg: GPTConfig, dtype: torch.dtype, batch: int, positions: float) -> float:
+    """Bytes one decode step must read: every matmul weight once (the embedding tables are
+    only indexed) and each sequence's keys and values for `positions` positions."""
+    size = torch.empty((), dtype=dtype).element_size()
+    weights = count_params(cfg, embeddings=False) + cfg.vocab_size * cfg.n_embd  # + lm_head
+    kv = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * positions * batch
+    return (weights + kv) * size
+
+
+def run_case(name: str, batch: int, bandwidth: float, args) -> list[list[object]]:
     """Table rows for one model at one batch size."""
     ours, hf = models(name)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, ours.config.vocab_size, (batch, PROMPT_LEN), generator=g).tolist()
-    runs = {
-        "ours, KV cache": lambda n: ours_steps(ours, prompts, n, True),
-        "HF generate, cache": lambda n: hf_steps(hf, prompts, n),
-    }
+    auto = resolve_dtype("cpu", "auto")
+    models_by_key = {("ours", "float32"): ours, ("HF", "float32"): hf}
+    if auto != "float32":  # bf16 weights where native: --dtype auto's path, and HF's best
+        models_by_key[("ours", auto)] = models(name)[0].to(DTYPES[auto])
+        models_by_key[("HF", auto)] = models(name)[1].to(DTYPES[auto])
+    runs = {}
+    for (impl, dtype), model in models_by_key.items():
+        if impl == "ours":
+            runs[f"ours, KV cache, {dtype}"] = (dtype, lambda n, m=model: ours_steps(
+                m, prompts, n, True))
+        else:
+            runs[f"HF generate, cache, {dtype}"] = (dtype, lambda n, m=model: hf_steps(
+                m, prompts, n))
     if not (name != "baby" and batch > 1):  # too slow to be worth its minutes
-        runs["ours, no cache"] = lambda n: ours_steps(ours, prompts, n, False)
-    for run in runs.values():  # warm-up
+        runs["ours, no cache, float32"] = ("float32", lambda n: ours_steps(ours, prompts, n,
+                                                                            False))
+    for _, run in runs.values():  # warm-up
         run(4)
-    first = {k: statistics.median(run(1)[0][0] for _ in range(3)) for k, run in runs.items()}
+    first = {k: statistics.median(run(1)[0][0] for _ in range(3))
+             for k, (_, run) in runs.items()}
     steps, ids = {}, {}
-    for key, run in runs.items():
-        n = args.nocache_tokens if key == "ours, no cache" else args.new_tokens
+    for key, (_, run) in runs.items():
+        n = args.nocache_tokens if "no cache" in key else args.new_tokens
         times, ids[key] = run(n)
         steps[key] = statistics.median(times[1:])
-    same = ids["ours, KV cache"] == ids["HF generate, cache"]
-    hf_rate = batch / steps["HF generate, cache"]
+    same = ids["ours, KV cache, float32"] == ids["HF generate, cache, float32"]
+    hf_rate = max(batch / steps[k] for k in runs if k.startswith("HF"))
     rows = []
-    for key in runs:
+    for key, (dtype, _) in runs.items():
         rate = batch / steps[key]
-        tokens = args.nocache_tokens if key == "ours, no cache" else args.new_tokens
-        rows.append([name, batch, key, tokens, rate, first[key] * 1000, rate / hf_rate])
-    print(f"  {name} batch {batch}: greedy ids identical to HF: {same}", file=sys.stderr)
+        tokens = args.nocache_tokens if "no cache" in key else args.new_tokens
+        moved = step_bytes(ours.config, DTYPES[dtype], batch, PROMPT_LEN + tokens / 2) \
+            / steps[key]
+        share = f"{moved / bandwidth:.0%}" if "no cache" not in key else "-"
+        rows.append([name, batch, key, tokens, rate, first[key] * 1000,
+                     f"{moved / 1e9:.1f}" if "no cache" not in key else "-", share,
+                     rate / hf_rate])
+    print(f"  {name} batch {batch}: greedy ids identical to HF (fp32): {same}", file=sys.stderr)
     return rows
 
 
@@ -164,14 +196,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{machine()}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
-          f"greedy, prompt {PROMPT_LEN} tokens\n")
+    bandwidth = copy_bandwidth()
+    print(f"{machine()}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"greedy, prompt {PROMPT_LEN} tokens; memory bandwidth (STREAM-like copy, "
+          f"{torch.get_num_threads()} threads): {bandwidth / 1e9:.1f} GB/s\n")
     rows = []
     for name in args.cases.split(","):
         for batch in map(int, args.batches.split(",")):
-            rows += run_case(name, batch, args)
+            rows += run_case(name, batch, bandwidth, args)
     print(table(["model", "batch", "engine", "new tokens", "tokens/s", "first token ms",
-                 "vs HF"], rows))
+                 "GB/s", "of copy", "vs HF best"], rows))
     if args.profile:
         profile_step(args.cases.split(",")[0])
 

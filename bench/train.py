@@ -1,9 +1,12 @@
-"""Training-step benchmark: our training loop's step vs HF GPT2LMHeadModel + torch's fused AdamW.
+"""Training-step benchmark: our training loop's step vs HF GPT2LMHeadModel and vs a minimal
+plain-PyTorch GPT (nanoGPT's recipe, written below), each with torch's fused AdamW.
 
 Default: nanoGPT's baby GPT (6 layers, 6 heads, width 384, context 256, batch 8, char-level
 tinyshakespeare) on the CPU, fp32 and bf16 autocast (and ours with torch.compile). Every
-setting runs in its own process (so peak memory is its own), rounds interleave ours and HF,
-and the table shows medians of per-step times. MFU is against this machine's matmul peak for
+setting runs in its own process (so peak memory is its own), rounds interleave the settings,
+and the table shows medians of per-step times. A setting is IMPL[+VARIANT...]:DTYPE[:compile],
+IMPL one of ours, hf, nano; variants of ours switch one optimisation off to measure it
+(VARIANTS below). MFU is against this machine's matmul peak for
 each dtype, measured at the start (a GEMM probe on a CPU; the datasheet on a GPU). Run:
 python bench/train.py [--steps 15 --rounds 3]. bench/gpu.sh runs it for GPT-2 small on a GPU
 (--device cuda --preset gpt2-small --context 1024 ...; see there). Extra config overrides go
@@ -51,6 +54,78 @@ def prepared_data(config: list[str]) -> list[str]:
                                           if tokenizer.is_file() else [])]
 
 
+class NanoGPT:
+    """The peer: nanoGPT's model in plain PyTorch, same shape as ours (built inside worker()
+    so that torch is imported there): fused QKV, SDPA causal attention, tanh GELU, tied
+    embeddings, F.cross_entropy."""
+
+    @staticmethod
+    def build(mc, device):
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                C = mc.n_embd
+                self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+                self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+                self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+            def forward(self, x):
+                B, T, C = x.shape
+                q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+                q, k, v = (t.view(B, T, mc.n_head, -1).transpose(1, 2) for t in (q, k, v))
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+                return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+        class GPT(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.wte = nn.Embedding(mc.vocab_size, mc.n_embd)
+                self.wpe = nn.Embedding(mc.context_length, mc.n_embd)
+                self.h = nn.ModuleList(Block() for _ in range(mc.n_layer))
+                self.ln_f = nn.LayerNorm(mc.n_embd)
+                self.lm_head = nn.Linear(mc.n_embd, mc.vocab_size, bias=False)
+                self.lm_head.weight = self.wte.weight
+
+            def forward(self, idx, targets):
+                pos = torch.arange(idx.shape[1], device=idx.device)
+                x = self.wte(idx) + self.wpe(pos)
+                for block in self.h:
+                    x = block(x)
+                logits = self.lm_head(self.ln_f(x))
+                return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+        return GPT().to(device).train()
+
+
+# Variants of ours: each switches one optimisation off (for what it is worth, measured).
+VARIANTS = {
+    "unpadded": "CUDA: lm_head's output not padded to a multiple of 64 columns",
+    "ce": "F.cross_entropy instead of our one-pass fp32 cross-entropy (model/loss.py)",
+}
+
+
+def apply_variants(variants: list[str]) -> None:
+    """Switch the named optimisations of ours off in this (worker) process."""
+    import torch.nn.functional as F
+
+    from scratchllm.model import fastpath, loss
+
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}: one of {', '.join(VARIANTS)}")
+        if v == "unpadded":
+            fastpath.CUDA_OUTPUT_ALIGN = 1
+        if v == "ce":
+            loss._CrossEntropySum.apply = staticmethod(
+                lambda x, t, ignore: F.cross_entropy(x.float(), t, ignore_index=ignore,
+                                                     reduction="sum"))
+
+
 def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int,
            config: list[str]) -> dict:
     """Run warmup + steps training steps in this process; report per-step times."""
@@ -60,6 +135,8 @@ def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int,
     from scratchllm.runtime import autocast
     from scratchllm.train import PretrainConfig, pretrainer
 
+    impl, *variants = impl.split("+")
+    apply_variants(variants)
     cfg = load_config(None, [*config, f"--train.dtype={dtype}", f"--train.compile={compile_}"],
                       PretrainConfig)
     loop = pretrainer(cfg, tempfile.mkdtemp(), progress=False, log=lambda *_: None)
@@ -69,29 +146,36 @@ def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int,
     if impl == "ours":
         step = loop.train_step  # lr schedule, exact accumulation, clipping, fused AdamW
     else:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
         mc = loop.model.config
-        hf = GPT2LMHeadModel(GPT2Config(
-            vocab_size=mc.vocab_size, n_positions=T, n_embd=mc.n_embd, n_layer=mc.n_layer,
-            n_head=mc.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            attn_implementation="sdpa")).to(device).train()
         loop.model = loop.train_model = loop.optimizer = loop.recipe.model = None  # free ours
-        # The best AdamW torch has for HF too (fused, on CUDA and the CPU), as ours uses, so the
-        # ratio measures the model and the loop, not the optimizer.
-        opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1,
-                                fused=True)
+        if impl == "hf":
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            peer = GPT2LMHeadModel(GPT2Config(
+                vocab_size=mc.vocab_size, n_positions=T, n_embd=mc.n_embd, n_layer=mc.n_layer,
+                n_head=mc.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                attn_implementation="sdpa")).to(device).train()
+
+            def loss_of(x, y):
+                return peer(input_ids=x, labels=x).loss  # HF shifts the labels itself
+        else:
+            peer = NanoGPT.build(mc, device)
+            loss_of = peer
+        forward = torch.compile(loss_of) if compile_ else loss_of
+        # The best AdamW torch has for the peers too (fused, on CUDA and the CPU), as ours
+        # uses, so the ratio measures the model and the loop, not the optimizer.
+        opt = torch.optim.AdamW(peer.parameters(), lr=1e-3, betas=(0.9, 0.99),
+                                weight_decay=0.1, fused=True)
 
         def step():
-            x, _ = batches.next_batch()
-            x = x.to(device)
+            x, y = (t.to(device) for t in batches.next_batch())
             with autocast(device, dtype):
-                out = hf(input_ids=x, labels=x)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+                loss = forward(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            float(out.loss)  # wait for the GPU, as our step does
+            float(loss)  # wait for the GPU, as our step does
 
     times = []
     for i in range(warmup + steps):
@@ -141,10 +225,11 @@ def main() -> None:
         settings = [(*s.split(":")[:2], "true" if s.endswith(":compile") else "false")
                     for s in args.settings.split(",")]
     else:
-        settings = [("hf", "float32", "false"), ("ours", "float32", "false"),
-                    ("hf", "bfloat16", "false"), ("ours", "bfloat16", "false")]
+        settings = [("hf", "float32", "false"), ("nano", "float32", "false"),
+                    ("ours", "float32", "false"), ("hf", "bfloat16", "false"),
+                    ("nano", "bfloat16", "false"), ("ours", "bfloat16", "false")]
         if not args.no_compile:
-            settings.append(("ours", "bfloat16", "true"))
+            settings += [("nano", "bfloat16", "true"), ("ours", "bfloat16", "true")]
     from scratchllm.config import load_config
     from scratchllm.runtime import set_threads
     from scratchllm.train import PretrainConfig
@@ -160,7 +245,8 @@ def main() -> None:
         for s in settings:
             warmup = args.warmup + (5 if s[2] == "true" else 0)  # compile warms up longer
             steps = args.steps
-            if args.device == "cpu" and s[:2] == ("hf", "bfloat16") and not _fast_bf16():
+            if args.device == "cpu" and s[0] != "ours" and s[1] == "bfloat16" \
+                    and not _fast_bf16():
                 steps, warmup = min(steps, 3), 1  # torch's bf16 fallback: ~1 s per step
             shape = ["--device", args.device, "--preset", args.preset, "--context",
                      str(args.context), "--batch", str(args.batch)]
@@ -178,16 +264,24 @@ def main() -> None:
     rows = []
     for s in settings:
         tps = statistics.median(results[s])
-        hf_runs = [results[k] for k in settings if k[0] == "hf" and k[1] == s[1]]
-        vs_hf = f"{tps / statistics.median(hf_runs[0]):.2f}x" if hf_runs else "-"
-        name = f"{'scratchllm' if s[0] == 'ours' else 'HF GPT2LMHeadModel'} {s[1]}"
+        ratios = []
+        for peer in ("hf", "nano"):  # the peer's best run in this dtype (compiled or not)
+            runs = [statistics.median(results[k]) for k in settings
+                    if k[0] == peer and k[1] == s[1]]
+            ratios.append(f"{tps / max(runs):.2f}x" if runs else "-")
+        impl, *variants = s[0].split("+")
+        name = {"ours": "scratchllm", "hf": "HF GPT2LMHeadModel", "nano": "nanoGPT-style"}[impl]
+        name += "".join(f" -{v}" for v in variants) + f" {s[1]}"
         name += " + compile" if s[2] == "true" else ""
-        rows.append([name, f"{tps:,.0f}", vs_hf, mfu(flops, tps, peaks[s[1]]),
+        rows.append([name, f"{tps:,.0f}", *ratios, mfu(flops, tps, peaks[s[1]]),
                      f"{rss[s]:.0f}"])
     memory = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"
     print(f"{args.preset}, batch {args.batch} x {args.context} tokens, {args.device}, "
-          f"{args.rounds} rounds x {args.steps} steps, medians")
-    print(table(["setting", "tokens/s", "vs HF same dtype", "MFU", memory], rows))
+          f"{args.rounds} rounds x {args.steps} steps, medians; vs a peer = vs its best "
+          "setting in the same dtype")
+    print(table(["setting", "tokens/s", "vs HF", "vs nanoGPT-style", "MFU", memory], rows))
+    for v in sorted({v for s in settings for v in s[0].split("+")[1:]}):
+        print(f"-{v}: {VARIANTS[v]}")
 
 
 if __name__ == "__main__":

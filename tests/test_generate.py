@@ -417,3 +417,14 @@ def test_generation_leaves_the_model_unchanged():
     complete(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=5, num_beams=3))
     assert [n for n, _ in model.named_modules()] == names  # no cache left attached
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_inverse_cdf_draws_from_the_distribution():
+    # One uniform number per row: frequencies follow the probabilities, and a token of
+    # probability 0 is never drawn, even at u's very top.
+    from scratchllm.generate.sampling import inverse_cdf
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0]]).expand(100_000, 5).contiguous()
+    counts = torch.bincount(inverse_cdf(probs, torch.rand(len(probs), 1)), minlength=5)
+    assert torch.allclose(counts / len(probs), probs[0], atol=0.01) and counts[1] == counts[4] == 0
+    assert inverse_cdf(probs[:2], torch.tensor([[1.0], [0.0]])).tolist() == [3, 0]

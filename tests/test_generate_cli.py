@@ -133,7 +133,8 @@ def test_beam_search_and_end_of_text(eot_checkpoint, capsys):
     # The library's beam search with the same options finds the same.
     [lib] = complete(model, [prompt], GenerationConfig(
         max_new_tokens=8, num_beams=3, length_penalty=0.5, stop_ids=(tok.eot_id,)), tok)
-    assert (lib.ids, lib.score) == (ids, sample["score"])
+    # (the same up to summation order: a product's fast path may differ between the two)
+    assert lib.ids == ids and lib.score == pytest.approx(sample["score"], abs=1e-5)
     # With --ignore-eot it runs to the length limit (<|endoftext|> is then an ordinary token).
     out = run_json(eot_checkpoint, *args, "--ignore-eot", capsys=capsys)
     [sample] = out["samples"]

@@ -323,6 +323,40 @@ def test_one_row_linear_tracks_weight_changes():
     assert lin.weight.grad is not None
 
 
+@pytest.mark.parametrize("rows", [1, 2, 8, 9, 16, 17])
+@pytest.mark.parametrize("shape", [(8, 24), (24, 8), (16, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_step_linear_paths_equal_f_linear(rows, shape, bias):
+    lin = Linear(*shape, bias=bias)
+    x = torch.randn(rows, 1, shape[0])  # a decode step of `rows` sequences
+    with torch.no_grad():
+        for _ in range(2):  # second round: after an in-place change of the weight
+            y = lin(x)
+            assert y.shape == (rows, 1, shape[1]) and y.is_contiguous()
+            assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-6)
+            lin.weight.mul_(-0.5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_padded_output_linear_equals_f_linear_with_gradients(bias):
+    # The CUDA path for outputs of an unaligned width (GPT-2's 50,257 tokens), run here on the
+    # CPU: the same values and the same gradients as F.linear, parameters unchanged in shape.
+    from scratchllm.model.fastpath import padded_output_linear
+
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    w = torch.randn(13, 8, requires_grad=True)
+    b = torch.randn(13, requires_grad=True) if bias else None
+    grad = torch.randn(2, 3, 13)
+    y = padded_output_linear(x, w, b, 64)
+    assert y.shape == (2, 3, 13)
+    got = torch.autograd.grad(y, [x, w] + ([b] if bias else []), grad)
+    ref = F.linear(x, w, b)
+    want = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), grad)
+    assert torch.allclose(y, ref, atol=1e-6)
+    for g, r in zip(got, want, strict=True):
+        assert g.shape == r.shape and torch.allclose(g, r, atol=1e-5)
+
+
 def test_fused_qkv_decode_step_equals_separate_projections():
     cfg = GPTConfig.preset("nano", vocab_size=50, context_length=16, n_kv_head=2)  # GQA
     attn = GPT(cfg).blocks[0].attn

@@ -11,7 +11,7 @@ from scratchllm.errors import UserError
 from scratchllm.generate import generate
 from scratchllm.generate.sampling import SamplingConfig
 from scratchllm.model import GPT, GPTConfig
-from scratchllm.serve.engine import Delta, Done, Engine, QueueFull, Request, _inverse_cdf
+from scratchllm.serve.engine import Delta, Done, Engine, QueueFull, Request
 from scratchllm.tokenizer import CharTokenizer, Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,16 +126,6 @@ def test_rows_sampled_together_keep_their_own_seeds(tok):
     for s, (prompt, (_, rec)) in enumerate(zip(prompts, seeded, strict=True)):
         assert rec.tokens == generate(model, prompt, 25, seed=s, **sampling)
     assert rec_greedy.tokens == generate(model, prompts[0], 25, temperature=0)
-
-
-def test_unseeded_rows_draw_from_their_distribution(monkeypatch):
-    # Unseeded rows draw by inverse CDF (one uniform number per row): frequencies follow the
-    # probabilities, and a token of probability 0 is never drawn, even at u's very top.
-    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0]]).expand(100_000, 5).contiguous()
-    counts = torch.bincount(_inverse_cdf(probs), minlength=5) / len(probs)
-    assert torch.allclose(counts, probs[0], atol=0.01) and counts[1] == counts[4] == 0
-    monkeypatch.setattr(torch, "rand_like", torch.ones_like)  # u = 1: the total itself
-    assert _inverse_cdf(probs[:1]).tolist() == [3]
 
 
 def test_prompts_are_prefilled_together_within_the_budget(tok):

@@ -1,4 +1,5 @@
-"""CPU fast paths for Linear and attention: bf16 without native bf16 matmuls, batch-1 decode.
+"""Fast paths for Linear and attention: bf16 without native bf16 matmuls, decode steps on the
+CPU, and tensor-core-friendly output widths on CUDA.
 
 Kept apart from the layers so that the layers read as plain PyTorch. Each path computes what
 the plain op computes (up to summation order) and steps aside wherever it does not apply.
@@ -88,27 +89,56 @@ def derived_tensor(owner: nn.Module, name: str, sources: tuple[Tensor, ...],
 
 
 def transposed_product(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
-    """x (..., in) @ weight_t (in, out) + bias for a single row x."""
-    x2 = x.reshape(1, -1)  # (1, in)
+    """x (..., in) @ weight_t (in, out) + bias."""
+    x2 = x.reshape(-1, weight_t.shape[0])  # (rows, in)
     y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)
     return y.view(*x.shape[:-1], -1)  # (..., out)
 
 
+FEW_ROWS = 16  # up to this many rows a product is a decode step (batch 1 to 16)
+# CUDA GEMMs run their fastest tensor-core kernels only when a row of the output is a multiple
+# of 8 elements long (16 bytes); GPT-2's 50,257-token vocabulary is not, which slows lm_head,
+# about a quarter of a GPT-2 small's FLOPs (nanoGPT pads the vocabulary to 50,304 for this).
+CUDA_OUTPUT_ALIGN = 64
+
+
+def padded_output_linear(x: Tensor, weight: Tensor, bias: Tensor | None, multiple: int) -> Tensor:
+    """F.linear(x, weight, bias) computed with weight's rows zero-padded to a multiple of
+    `multiple`: the extra output columns are cut off again (a strided view), so the result and
+    the gradients are F.linear's, and the parameters keep their shape."""
+    pad = -weight.shape[0] % multiple
+    y = F.linear(x, F.pad(weight, (0, 0, 0, pad)), None if bias is None else F.pad(bias, (0, pad)))
+    return y[..., :weight.shape[0]]
+
+
 def fast_linear(layer: nn.Linear, x: Tensor) -> Tensor | None:
-    """layer(x) by a CPU fast path, or None where the plain F.linear is the right call."""
+    """layer(x) by a fast path, or None where the plain F.linear is the right call."""
+    if x.is_cuda:
+        # (not for a tensor-parallel DTensor weight: padding would regather its shards)
+        if layer.out_features % CUDA_OUTPUT_ALIGN and not hasattr(layer.weight, "placements"):
+            return padded_output_linear(x, layer.weight, layer.bias, CUDA_OUTPUT_ALIGN)
+        return None
     if slow_bf16_cpu(x):
         with torch.autocast("cpu", enabled=False):
             return Bf16LinearViaFp32.apply(x, layer.weight, layer.bias)
-    if layer.out_features >= layer.in_features and one_row(x):
-        # A one-row product streams the whole weight from memory, and MKL's GEMV streams
-        # an (in, out) matrix (axpy on long rows) about twice as fast as our (out, in) one
-        # (dot products of short rows) when out >= in: the up-projection and lm_head of a
-        # batch-1 decode step. The (in, out) copy is made on first use.
-        w = layer.weight
-        weight_t = derived_tensor(layer, "_weight_t", (w,), lambda: w.detach().t().contiguous())
-        if weight_t is not None:
-            return transposed_product(x, weight_t, layer.bias)
-    return None
+    rows = x.numel() // x.shape[-1]
+    if not x.is_cpu or rows > FEW_ROWS or torch.is_grad_enabled():
+        return None
+    # A decode step's product streams the whole weight from memory for a few rows, and MKL
+    # reads our (out, in) weight slowly there (measured, bench/generate.py and bench/serve.py):
+    # - one row, out < in (o_proj, down_proj): its GEMV (long dot products) is right: None;
+    # - one row, out >= in (up_proj, lm_head), or 9 to 16 rows: x @ an (in, out) copy of the
+    #   weight (axpy on long rows), made on first use and kept until the weight changes;
+    # - 2 to 8 rows, out > in: (W @ x^T)^T streams W row by row without the copy.
+    w = layer.weight
+    if rows == 1 and layer.out_features < layer.in_features:
+        return None
+    if 1 < rows <= 8 and layer.out_features > layer.in_features:
+        y = (w @ x.reshape(rows, -1).t()).t()  # (rows, out), transposed strides
+        y = (y if layer.bias is None else y + layer.bias).contiguous()
+        return y.view(*x.shape[:-1], -1)
+    weight_t = derived_tensor(layer, "_weight_t", (w,), lambda: w.detach().t().contiguous())
+    return None if weight_t is None else transposed_product(x, weight_t, layer.bias)
 
 
 def fused_qkv(projections: tuple[nn.Linear, nn.Linear, nn.Linear], owner: nn.Module,

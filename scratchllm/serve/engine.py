@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from scratchllm.errors import UserError
 from scratchllm.generate.engine import make_generator, model_device
-from scratchllm.generate.sampling import History, SamplingConfig, process_logits
+from scratchllm.generate.sampling import History, SamplingConfig, inverse_cdf, process_logits
 from scratchllm.generate.text import TextStream
 from scratchllm.model.cache import KVCache
 from scratchllm.tokenizer import BaseTokenizer
@@ -349,10 +349,9 @@ class Engine:
         """The next token of every row of logits (n, V).
 
         Rows with the same settings share each tensor op (greedy rows one argmax; sampled rows
-        one temperature, filter and softmax). A seeded row draws as sample_next does, from its
-        generator: the same token as alone. Unseeded rows draw together, one uniform number
-        each (torch.multinomial draws one per vocabulary entry: most of a small model's
-        sampling time). A row with penalties reads its own history: it goes alone."""
+        one temperature, filter and softmax, then one inverse-CDF draw). A seeded row takes its
+        uniform number from its own generator, as sample_next does: the same token as alone.
+        A row with penalties reads its own history: it goes alone."""
         groups: dict[object, list[int]] = {}
         for i, seq in enumerate(seqs):
             key = "greedy" if seq.plain_greedy else i if seq.history is not None else \
@@ -377,9 +376,11 @@ class Engine:
             return logits.argmax(-1)
         probs = torch.softmax(logits, dim=-1)
         if first.generator is None:  # unseeded: torch's global RNG
-            return _inverse_cdf(probs)
-        return torch.cat([torch.multinomial(probs[j:j + 1], 1, generator=seqs[i].generator)
-                          .squeeze(-1) for j, i in enumerate(rows)])
+            uniforms = torch.rand(len(rows), 1, device=probs.device)
+        else:
+            uniforms = torch.cat([torch.rand(1, 1, generator=seqs[i].generator,
+                                             device=probs.device) for i in rows])
+        return inverse_cdf(probs, uniforms)
 
     def _accept(self, seq: _Seq, token: int, delta: Delta) -> bool:
         """Record a sampled token and emit its text; True when the sequence ended."""
@@ -490,17 +491,6 @@ class Engine:
     def _done(self, req: Request, reason: str, generated: int, error: str | None = None) -> None:
         self.cancellations += reason == "cancelled"
         self._emit(req, Done(reason, len(req.prompt), generated, error))
-
-
-def _inverse_cdf(probs: Tensor) -> Tensor:
-    """One token per row of probs (n, V), drawn with one uniform number u per row: the first
-    token whose cumulative probability exceeds u times the total."""
-    cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
-    # Below the total even after rounding, so a token of probability 0 is never chosen.
-    below = torch.nextafter(total, torch.zeros_like(total))
-    u = torch.minimum(torch.rand_like(total) * total, below)
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
 def _kv(caches: nn.ModuleList) -> list[Tensor]:
