@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# GPU figures for pretraining (issue 5): GPT-2 small (124M, context 1024) training tokens/s
-# and MFU with bf16 autocast + SDPA (flash) attention, with and without torch.compile, vs HF
-# GPT2LMHeadModel (SDPA, bf16 autocast, fused AdamW) in the same run.
+# GPU figures for pretraining: GPT-2 small (124M, context 1024) training tokens/s and MFU with
+# bf16 autocast + SDPA (flash) attention + torch.compile, vs HF GPT2LMHeadModel (SDPA, bf16
+# autocast, fused AdamW) and vs a nanoGPT-style plain-PyTorch GPT (compiled) in the same run,
+# plus ours with one optimisation switched off at a time (bench/train.py's VARIANTS).
 #
 # The GPU machine has no network and no data mirror, so the data travels with the repo:
 #   1. here (a machine with ../shared/data):  bench/gpu.sh --prepare
 #      writes .gpu-bench/ (git-ignored): GPT-2's tokenizer and tinyshakespeare's shards, ~1 MB
 #   2. there: run `bench/gpu.sh` from the repo root, carrying .gpu-bench (device tool:
 #      carry=[".gpu-bench"]). It needs torch, transformers, tiktoken, safetensors, numpy,
-#      all in the GPU image. About 5 minutes on an H100.
+#      all in the GPU image. About 4 minutes on an H100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=.gpu-bench
@@ -28,6 +29,6 @@ fi
 [[ -f $DIR/data/meta.json ]] || { echo "no $DIR/data: run bench/gpu.sh --prepare first" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 $PY bench/train.py --device cuda --preset gpt2-small --context 1024 --batch 16 \
-  --rounds 2 --steps 10 --warmup 3 \
-  --settings hf:bfloat16,ours:bfloat16,ours:bfloat16:compile \
+  --rounds 1 --steps 10 --warmup 3 \
+  --settings hf:bfloat16,nano:bfloat16:compile,ours:bfloat16:compile,ours+unpadded:bfloat16:compile,ours+ce:bfloat16:compile \
   -- --data.shards=$DIR/data --data.tokenizer=$DIR/gpt2.json

@@ -97,7 +97,7 @@ class NanoGPT:
                 for block in self.h:
                     x = block(x)
                 logits = self.lm_head(self.ln_f(x))
-                return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+                return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
         return GPT().to(device).train()
 
@@ -105,6 +105,7 @@ class NanoGPT:
 # Variants of ours: each switches one optimisation off (for what it is worth, measured).
 VARIANTS = {
     "unpadded": "CUDA: lm_head's output not padded to a multiple of 64 columns",
+    "flash": "CPU bf16 training: torch's flash attention kernel at every length (not bf16 GEMMs)",
     "ce": "F.cross_entropy instead of our one-pass fp32 cross-entropy (model/loss.py)",
 }
 
@@ -120,6 +121,8 @@ def apply_variants(variants: list[str]) -> None:
             raise SystemExit(f"unknown variant {v!r}: one of {', '.join(VARIANTS)}")
         if v == "unpadded":
             fastpath.CUDA_OUTPUT_ALIGN = 1
+        if v == "flash":
+            fastpath.SHORT_BF16_ATTENTION = 0
         if v == "ce":
             loss._CrossEntropySum.apply = staticmethod(
                 lambda x, t, ignore: F.cross_entropy(x.float(), t, ignore_index=ignore,

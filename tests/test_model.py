@@ -603,6 +603,39 @@ def test_bf16_sdpa_both_paths(bf16_path, case):
         assert_bf16_rounding_of(y, exact)
 
 
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_bf16_training_attention_as_gemms_matches_the_definition(monkeypatch, case):
+    # Native bf16 CPUs train short sequences' attention as bf16 GEMMs + softmax (forced here):
+    # the output and the gradients are the fp64 definition's up to bf16 rounding.
+    force_bf16_path(monkeypatch, native=True)
+    n_kv, T, S, kind, causal = ATTN_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, T, 8, generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(2, n_kv, S, 8, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    keep = torch.rand(2, 1, T, S, generator=g) > 0.3
+    keep[..., 0] = True
+    mask = {None: None, "bool": keep,
+            "additive": torch.zeros(keep.shape).masked_fill(~keep, -math.inf)}[kind]
+    calls = []
+    monkeypatch.setattr(attention, "explicit_attention",
+                        lambda *a, **kw: calls.append(kw) or explicit_attention(*a, **kw))
+    y = sdpa_attention(q, k, v, mask, causal=causal)
+    assert calls and calls[0]["fp32_scores"] is False  # the GEMM path ran
+    qe, ke, ve = (t.detach().double().requires_grad_() for t in (q, k, v))
+    visible = torch.ones(2, 1, T, S, dtype=torch.bool) if kind is None else keep
+    if causal:
+        visible = visible & torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    kr, vr = (t.repeat_interleave(4 // n_kv, dim=1) for t in (ke, ve))
+    scores = (qe @ kr.transpose(-2, -1) / math.sqrt(8)).masked_fill(~visible, -math.inf)
+    exact = torch.softmax(scores, dim=-1) @ vr
+    grad = torch.randn(exact.shape, generator=g, dtype=torch.float64)
+    y.backward(grad.bfloat16())
+    exact.backward(grad)
+    torch.testing.assert_close(y.double(), exact, rtol=2**-5, atol=3e-2)
+    for got, want in ((q, qe), (k, ke), (v, ve)):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=2**-4, atol=6e-2)
+
+
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_bf16_autocast_training_step(bf16_path, pos):
     model = build(pos_encoding=pos, n_kv_head=2)

@@ -11,7 +11,12 @@ from torch import Tensor, nn
 
 from scratchllm.model.cache import KVCache
 from scratchllm.model.config import GPTConfig
-from scratchllm.model.fastpath import fused_qkv, sdpa_via_fp32, slow_bf16_cpu
+from scratchllm.model.fastpath import (
+    fused_qkv,
+    sdpa_via_fp32,
+    short_bf16_cpu_training_attention,
+    slow_bf16_cpu,
+)
 from scratchllm.model.layers import Linear, apply_rope, make_dropout
 
 # SDPA reads grouped-query k/v heads itself (enable_gqa) from torch 2.5 on.
@@ -34,21 +39,24 @@ def additive(mask: Tensor) -> Tensor:
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *,
-                       causal: bool, dropout_p: float = 0.0) -> Tensor:
+                       causal: bool, dropout_p: float = 0.0, fp32_scores: bool = True) -> Tensor:
     """The teaching path: scores, an additive mask (-inf hides a key), softmax, weights @ values.
 
     q (B, H, T, hd); k, v (B, H_kv, S, hd); mask (B|1, H|1, T, S), additive or boolean
     (True = may attend): padding, packed documents, ALiBi. causal=True also hides every key
-    after the query (the queries being the last T of the S positions).
+    after the query (the queries being the last T of the S positions). fp32_scores=False keeps
+    the scores in q's dtype (bf16: torch's softmax still computes in fp32 and rounds its output).
     """
     if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves n_head/n_kv_head heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    scores = ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).float()  # (B, H, T, S)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if fp32_scores:
+        scores = scores.float()
     if causal:
-        scores = scores + causal_bias(*scores.shape[-2:], device=q.device)
+        scores = scores + causal_bias(*scores.shape[-2:], device=q.device).to(scores.dtype)
     if mask is not None:
-        scores = scores + additive(mask)
+        scores = scores + additive(mask).to(scores.dtype)
     weights = torch.softmax(scores, dim=-1).to(q.dtype)  # rows sum to 1
     if dropout_p > 0.0:
         weights = F.dropout(weights, dropout_p)
@@ -71,6 +79,9 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, 
         causal = False
     if slow_bf16_cpu(q):
         return sdpa_via_fp32(q, k, v, mask, causal, dropout_p, gqa)
+    if short_bf16_cpu_training_attention(q, k.shape[-2]):
+        return explicit_attention(q, k, v, mask, causal=causal, dropout_p=dropout_p,
+                                  fp32_scores=False)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
