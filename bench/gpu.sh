@@ -32,3 +32,7 @@ $PY bench/train.py --device cuda --preset gpt2-small --context 1024 --batch 16 \
   --rounds 1 --steps 10 --warmup 3 \
   --settings hf:bfloat16,nano:bfloat16:compile,ours:bfloat16:compile,ours+unpadded:bfloat16:compile,ours+ce:bfloat16:compile \
   -- --data.shards=$DIR/data --data.tokenizer=$DIR/gpt2.json
+# A larger micro-batch: bigger GEMMs for the same model (memory permitting).
+$PY bench/train.py --device cuda --preset gpt2-small --context 1024 --batch 32 \
+  --rounds 1 --steps 10 --warmup 3 --settings ours:bfloat16:compile \
+  -- --data.shards=$DIR/data --data.tokenizer=$DIR/gpt2.json
