@@ -107,7 +107,8 @@ def run_case(name: str, batch: int, bandwidth: float, args) -> list[list[object]
     """Table rows for one model at one batch size."""
     ours, hf = models(name)
     g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(0, ours.config.vocab_size, (batch, PROMPT_LEN), generator=g).tolist()
+    # ids from 1: HF generate takes id 0 (its pad_token_id here) in a prompt for padding
+    prompts = torch.randint(1, ours.config.vocab_size, (batch, PROMPT_LEN), generator=g).tolist()
     auto = resolve_dtype("cpu", "auto")
     models_by_key = {("ours", "float32"): ours, ("HF", "float32"): hf}
     if auto != "float32":  # bf16 weights where native: --dtype auto's path, and HF's best

@@ -105,7 +105,7 @@ class NanoGPT:
 # Variants of ours: each switches one optimisation off (for what it is worth, measured).
 VARIANTS = {
     "unpadded": "CUDA: lm_head's output not padded to a multiple of 64 columns",
-    "flash": "CPU bf16 training: torch's flash attention kernel at every length (not bf16 GEMMs)",
+    "flash": "CPU bf16 training: torch's flash attention kernel (not bf16 GEMMs up to 512 keys)",
     "ce": "F.cross_entropy instead of our one-pass fp32 cross-entropy (model/loss.py)",
 }
 

@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from scratchllm.model.cache import KVCache
 from scratchllm.model.config import GPTConfig
 from scratchllm.model.fastpath import (
+    bf16_attention_by_gemms,
     fused_qkv,
     sdpa_via_fp32,
-    short_bf16_cpu_training_attention,
     slow_bf16_cpu,
 )
 from scratchllm.model.layers import Linear, apply_rope, make_dropout
@@ -79,7 +79,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, 
         causal = False
     if slow_bf16_cpu(q):
         return sdpa_via_fp32(q, k, v, mask, causal, dropout_p, gqa)
-    if short_bf16_cpu_training_attention(q, k.shape[-2]):
+    if bf16_attention_by_gemms(q, k.shape[-2]):
         return explicit_attention(q, k, v, mask, causal=causal, dropout_p=dropout_p,
                                   fp32_scores=False)
     if mask is not None and mask.dtype != torch.bool:

@@ -63,11 +63,6 @@ class Bf16LinearViaFp32(torch.autograd.Function):
         return gx, gw, gb  # autograd casts each to its input's dtype
 
 
-def one_row(x: Tensor) -> bool:
-    """True for a single row (batch-1 decode step) on the CPU without autograd."""
-    return x.is_cpu and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
-
-
 def derived_tensor(owner: nn.Module, name: str, sources: tuple[Tensor, ...],
                    build: Callable[[], Tensor]) -> Tensor | None:
     """build() cached on `owner` until one of `sources` changes; None for inference tensors.
@@ -86,13 +81,6 @@ def derived_tensor(owner: nn.Module, name: str, sources: tuple[Tensor, ...],
             cached = (key, build())
         owner.__dict__[name] = cached
     return cached[1]
-
-
-def transposed_product(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
-    """x (..., in) @ weight_t (in, out) + bias."""
-    x2 = x.reshape(-1, weight_t.shape[0])  # (rows, in)
-    y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)
-    return y.view(*x.shape[:-1], -1)  # (..., out)
 
 
 FEW_ROWS = 16  # up to this many rows a product is a decode step (batch 1 to 16)
@@ -121,60 +109,86 @@ def fast_linear(layer: nn.Linear, x: Tensor) -> Tensor | None:
     if slow_bf16_cpu(x):
         with torch.autocast("cpu", enabled=False):
             return Bf16LinearViaFp32.apply(x, layer.weight, layer.bias)
-    rows = x.numel() // x.shape[-1]
-    if not x.is_cpu or rows > FEW_ROWS or torch.is_grad_enabled():
+    if decode_step(x, layer.weight):
+        packed = packed_weight(layer, "_packed", (layer.weight,))
+        if packed is not None:
+            return packed_product(x, packed, layer.bias)
+    return None
+
+
+def decode_step(x: Tensor, weight: Tensor) -> bool:
+    """True for an inference product of a few rows (a decode step of 1 to FEW_ROWS sequences)
+    on the CPU, in the weight's own dtype (not under autocast)."""
+    return (x.is_cpu and x.numel() <= FEW_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+            and x.dtype == weight.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_autocast_enabled("cpu") and not hasattr(weight, "placements"))
+
+
+# A decode step streams every weight from memory for a few rows, and MKL's small-M GEMM reads
+# our (out, in) weights slowly there. oneDNN's product with the weight reordered once into its
+# own blocked layout (what torch.compile's CPU "freezing" does) reads it at about the memory
+# bandwidth: GPT-2 small's weights, one row, fp32 22.7 ms vs 38.7 (F.linear), 8 rows 25.7 vs
+# 61.9; bf16 16.5 vs 21.2 (Zen 4, 2 threads). None where torch has no oneDNN.
+_ONEDNN = {"ok": torch.backends.mkldnn.is_available()}
+
+
+def packed_weight(owner: nn.Module, name: str, weights: tuple[Tensor, ...]) -> Tensor | None:
+    """The oneDNN-packed copy of the weights stacked by rows (out, in), kept on `owner` until
+    one of them changes (derived_tensor); None where oneDNN cannot pack them."""
+    if not _ONEDNN["ok"]:
         return None
-    # A decode step's product streams the whole weight from memory for a few rows, and MKL
-    # reads our (out, in) weight slowly there (measured, bench/generate.py and bench/serve.py):
-    # - one row, out < in (o_proj, down_proj): its GEMV (long dot products) is right: None;
-    # - one row, out >= in (up_proj, lm_head), or 9 to 16 rows: x @ an (in, out) copy of the
-    #   weight (axpy on long rows), made on first use and kept until the weight changes;
-    # - 2 to 8 rows, out > in: (W @ x^T)^T streams W row by row without the copy.
-    w = layer.weight
-    if rows == 1 and layer.out_features < layer.in_features:
+
+    def build() -> Tensor:
+        w = weights[0] if len(weights) == 1 else torch.cat(weights)
+        # packed for 8 rows: measured as fast as a 1-row packing for one row, faster for more
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8)
+
+    try:
+        return derived_tensor(owner, name, weights, build)
+    except (RuntimeError, AttributeError):  # a torch build or dtype oneDNN does not take
+        _ONEDNN["ok"] = False
         return None
-    if 1 < rows <= 8 and layer.out_features > layer.in_features:
-        y = (w @ x.reshape(rows, -1).t()).t()  # (rows, out), transposed strides
-        y = (y if layer.bias is None else y + layer.bias).contiguous()
-        return y.view(*x.shape[:-1], -1)
-    weight_t = derived_tensor(layer, "_weight_t", (w,), lambda: w.detach().t().contiguous())
-    return None if weight_t is None else transposed_product(x, weight_t, layer.bias)
+
+
+def packed_product(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., in) @ the packed weight's transpose + bias: (..., out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def fused_qkv(projections: tuple[nn.Linear, nn.Linear, nn.Linear], owner: nn.Module,
               x: Tensor) -> tuple[Tensor, ...] | None:
-    """q, k, v of a batch-1 decode step from one product with a fused (C, q + k + v) copy of
-    the three weights (each small GEMV pays a fixed cost), or None where it does not apply.
+    """q, k, v of a decode step from one product with a packed copy of the three weights
+    stacked (each small product pays a fixed cost), or None where it does not apply.
 
     The caller passes plain Linear projections only: a wrapped one (LoRA, a quantized layer)
     computes more than its `.weight`, so the fused copy would skip it.
     """
-    if not one_row(x) or slow_bf16_cpu(x):
-        return None
     weights = tuple(p.weight for p in projections)
-    fused = derived_tensor(owner, "_qkv_t", weights,
-                           lambda: torch.cat(weights).detach().t().contiguous())
-    if fused is None:
+    if not decode_step(x, weights[0]) or slow_bf16_cpu(x):
+        return None
+    packed = packed_weight(owner, "_qkv_packed", weights)
+    if packed is None:
         return None
     bias = None
     if projections[0].bias is not None:
         biases = tuple(p.bias for p in projections)
         bias = derived_tensor(owner, "_qkv_bias", biases, lambda: torch.cat(biases).detach())
-    qkv = transposed_product(x, fused, bias)
+    qkv = packed_product(x, packed, bias)
     return qkv.split([p.out_features for p in projections], dim=-1)
 
 
-# Up to this many keys, bf16 training on a CPU with native bf16 runs attention as two bf16 GEMMs
-# and a softmax: 2.2x (128 keys) to 1.15x (512) faster than torch's CPU flash kernel, forward +
-# backward, on a Zen 4 (slower from 1,024 keys on, where flash skips the masked half).
+# On a CPU with native bf16, torch's flash attention kernel is slow in bf16; two bf16 GEMMs and
+# a softmax are faster for decode steps at any length (3-5x: 8 rows x 1,024 keys 2.1 vs 7.3 ms)
+# and, forward + backward, up to this many keys: 2.2x (128 keys) to 1.15x (512); from 1,024 keys
+# on flash wins, as it skips the masked half (Zen 4, 2 threads).
 SHORT_BF16_ATTENTION = 512
 
 
-def short_bf16_cpu_training_attention(q: Tensor, keys: int) -> bool:
-    """True where attention is faster as bf16 GEMMs than as torch's flash kernel: bf16 q with
-    autograd on, at most SHORT_BF16_ATTENTION keys, on a CPU that multiplies bf16 natively."""
-    return (q.is_cpu and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
-            and keys <= SHORT_BF16_ATTENTION and cpu_has_native_bf16())
+def bf16_attention_by_gemms(q: Tensor, keys: int) -> bool:
+    """True where bf16 attention of q (..., T, hd) over `keys` keys is faster as GEMMs than as
+    torch's flash kernel on this CPU (see SHORT_BF16_ATTENTION)."""
+    return (q.is_cpu and q.dtype == torch.bfloat16 and cpu_has_native_bf16()
+            and (q.shape[-2] <= FEW_ROWS or keys <= SHORT_BF16_ATTENTION))
 
 
 def sdpa_via_fp32(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
