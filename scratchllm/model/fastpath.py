@@ -7,6 +7,7 @@ the plain op computes (up to summation order) and steps aside wherever it does n
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -63,24 +64,34 @@ class Bf16LinearViaFp32(torch.autograd.Function):
         return gx, gw, gb  # autograd casts each to its input's dtype
 
 
+# derived_tensor's results per module, outside the module itself: deepcopy, pickle and
+# state_dict() never see them (a packed oneDNN tensor cannot be copied), and they go with it.
+_DERIVED: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple]] = weakref.WeakKeyDictionary()
+
+
 def derived_tensor(owner: nn.Module, name: str, sources: tuple[Tensor, ...],
                    build: Callable[[], Tensor]) -> Tensor | None:
-    """build() cached on `owner` until one of `sources` changes; None for inference tensors.
+    """build() cached for `owner` until one of `sources` changes; None for inference tensors.
 
     Keyed on each source's identity, storage, in-place version and dtype, so a result is never
     stale (an optimizer step, load_state_dict, `.to(dtype)` or a new Parameter rebuild it).
-    Kept in a plain attribute: never in state_dict(). Inference tensors have no version
-    counter: None.
+    Inference tensors have no version counter: None.
     """
     if any(t.is_inference() for t in sources):
         return None
     key = tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in sources)
-    cached = owner.__dict__.get(name)  # (key, tensor)
+    cache = _DERIVED.setdefault(owner, {})
+    cached = cache.get(name)  # (key, tensor)
     if cached is None or cached[0] != key:
         with torch.inference_mode(False), torch.no_grad():
             cached = (key, build())
-        owner.__dict__[name] = cached
+        cache[name] = cached
     return cached[1]
+
+
+def derived_names(owner: nn.Module) -> set[str]:
+    """The names of the tensors derived_tensor holds for `owner` (for tests)."""
+    return set(_DERIVED.get(owner, {}))
 
 
 FEW_ROWS = 16  # up to this many rows a product is a decode step (batch 1 to 16)
