@@ -306,7 +306,8 @@ def test_logits_to_keep_gives_the_last_rows(pos):
         model(x, logits_to_keep=10), full)  # 0 or >= T: every position
 
 
-def test_one_row_linear_tracks_weight_changes():
+def test_one_row_linear_tracks_weight_changes(monkeypatch):
+    monkeypatch.setattr(fastpath, "PACK_ONE_ROW", 0)  # pack even this small weight
     lin = Linear(8, 24)
     x = torch.randn(1, 1, 8)
     with torch.no_grad():
@@ -364,7 +365,8 @@ def test_padded_output_linear_equals_f_linear_with_gradients(bias):
         assert g.shape == r.shape and torch.allclose(g, r, atol=1e-5)
 
 
-def test_fused_qkv_decode_step_equals_separate_projections():
+def test_fused_qkv_decode_step_equals_separate_projections(monkeypatch):
+    monkeypatch.setattr(fastpath, "PACK_ONE_ROW", 0)  # pack even these small weights
     cfg = GPTConfig.preset("nano", vocab_size=50, context_length=16, n_kv_head=2)  # GQA
     attn = GPT(cfg).blocks[0].attn
     x = torch.randn(1, 1, cfg.n_embd)

@@ -7,7 +7,6 @@ the plain op computes (up to summation order) and steps aside wherever it does n
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -64,9 +63,16 @@ class Bf16LinearViaFp32(torch.autograd.Function):
         return gx, gw, gb  # autograd casts each to its input's dtype
 
 
-# derived_tensor's results per module, outside the module itself: deepcopy, pickle and
-# state_dict() never see them (a packed oneDNN tensor cannot be copied), and they go with it.
-_DERIVED: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple]] = weakref.WeakKeyDictionary()
+class _Derived(dict):
+    """derived_tensor's results on one module, {name: (key, tensor)}. Never copied: deepcopy
+    and pickle give an empty one (a packed oneDNN tensor cannot be copied; a copy of the
+    module rebuilds what it needs on first use)."""
+
+    def __deepcopy__(self, memo: dict) -> _Derived:
+        return _Derived()
+
+    def __reduce__(self):
+        return _Derived, ()
 
 
 def derived_tensor(owner: nn.Module, name: str, sources: tuple[Tensor, ...],
@@ -80,7 +86,9 @@ def derived_tensor(owner: nn.Module, name: str, sources: tuple[Tensor, ...],
     if any(t.is_inference() for t in sources):
         return None
     key = tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in sources)
-    cache = _DERIVED.setdefault(owner, {})
+    cache = owner.__dict__.get("_derived")  # a plain attribute: never in state_dict()
+    if cache is None:
+        cache = owner.__dict__["_derived"] = _Derived()
     cached = cache.get(name)  # (key, tensor)
     if cached is None or cached[0] != key:
         with torch.inference_mode(False), torch.no_grad():
@@ -91,7 +99,7 @@ def derived_tensor(owner: nn.Module, name: str, sources: tuple[Tensor, ...],
 
 def derived_names(owner: nn.Module) -> set[str]:
     """The names of the tensors derived_tensor holds for `owner` (for tests)."""
-    return set(_DERIVED.get(owner, {}))
+    return set(owner.__dict__.get("_derived", {}))
 
 
 FEW_ROWS = 16  # up to this many rows a product is a decode step (batch 1 to 16)
@@ -120,19 +128,38 @@ def fast_linear(layer: nn.Linear, x: Tensor) -> Tensor | None:
     if slow_bf16_cpu(x):
         with torch.autocast("cpu", enabled=False):
             return Bf16LinearViaFp32.apply(x, layer.weight, layer.bias)
-    if decode_step(x, layer.weight):
-        packed = packed_weight(layer, "_packed", (layer.weight,))
-        if packed is not None:
-            return packed_product(x, packed, layer.bias)
-    return None
+    if not decode_step(x, layer.weight):
+        return None
+    if x.numel() == x.shape[-1] and layer.weight.numel() < PACK_ONE_ROW:
+        # One row times a small weight: MKL streams an (in, out) copy (axpy on long rows)
+        # faster than our (out, in) one when out >= in; otherwise plain is right.
+        if layer.out_features < layer.in_features:
+            return None
+        w = layer.weight
+        weight_t = derived_tensor(layer, "_weight_t", (w,), lambda: w.detach().t().contiguous())
+        return None if weight_t is None else transposed_product(x, weight_t, layer.bias)
+    packed = packed_weight(layer, "_packed", (layer.weight,))
+    return None if packed is None else packed_product(x, packed, layer.bias)
+
+
+def transposed_product(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., in) @ weight_t (in, out) + bias."""
+    x2 = x.reshape(-1, weight_t.shape[0])  # (rows, in)
+    y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)
+    return y.view(*x.shape[:-1], -1)  # (..., out)
 
 
 def decode_step(x: Tensor, weight: Tensor) -> bool:
     """True for an inference product of a few rows (a decode step of 1 to FEW_ROWS sequences)
-    on the CPU, in the weight's own dtype (not under autocast)."""
-    return (x.is_cpu and x.numel() <= FEW_ROWS * x.shape[-1] and not torch.is_grad_enabled()
-            and x.dtype == weight.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_autocast_enabled("cpu") and not hasattr(weight, "placements"))
+    on the CPU, in the weight's own dtype (not under autocast), with a plain (not DTensor)
+    weight. Called by every Linear: cheapest checks first."""
+    return (not torch.is_grad_enabled() and x.is_cpu and x.numel() <= FEW_ROWS * x.shape[-1]
+            and x.dtype == weight.dtype and type(weight) in _PLAIN
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+_PLAIN = (nn.Parameter, Tensor)  # a DTensor parameter's type is DTensor
 
 
 # A decode step streams every weight from memory for a few rows, and MKL's small-M GEMM reads
@@ -141,6 +168,9 @@ def decode_step(x: Tensor, weight: Tensor) -> bool:
 # bandwidth: GPT-2 small's weights, one row, fp32 22.7 ms vs 38.7 (F.linear), 8 rows 25.7 vs
 # 61.9; bf16 16.5 vs 21.2 (Zen 4, 2 threads). None where torch has no oneDNN.
 _ONEDNN = {"ok": torch.backends.mkldnn.is_available()}
+# Below this many weights a one-row packed product's fixed cost (~20 us) outweighs its gain
+# (256 x 256: 7.8 us plain vs 23 packed; 256 x 4,096: 121-149 vs 73).
+PACK_ONE_ROW = 2**19
 
 
 def packed_weight(owner: nn.Module, name: str, weights: tuple[Tensor, ...]) -> Tensor | None:
@@ -177,14 +207,22 @@ def fused_qkv(projections: tuple[nn.Linear, nn.Linear, nn.Linear], owner: nn.Mod
     weights = tuple(p.weight for p in projections)
     if not decode_step(x, weights[0]) or slow_bf16_cpu(x):
         return None
-    packed = packed_weight(owner, "_qkv_packed", weights)
-    if packed is None:
-        return None
     bias = None
     if projections[0].bias is not None:
         biases = tuple(p.bias for p in projections)
         bias = derived_tensor(owner, "_qkv_bias", biases, lambda: torch.cat(biases).detach())
-    qkv = packed_product(x, packed, bias)
+    if x.numel() == x.shape[-1] and sum(w.numel() for w in weights) < PACK_ONE_ROW:
+        # one row, small weights: an (in, q + k + v) copy, as Linear does (see fast_linear)
+        fused_t = derived_tensor(owner, "_qkv_t", weights,
+                                 lambda: torch.cat(weights).detach().t().contiguous())
+        if fused_t is None:
+            return None
+        qkv = transposed_product(x, fused_t, bias)
+    else:
+        packed = packed_weight(owner, "_qkv_packed", weights)
+        if packed is None:
+            return None
+        qkv = packed_product(x, packed, bias)
     return qkv.split([p.out_features for p in projections], dim=-1)
 
 
