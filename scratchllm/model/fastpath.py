@@ -130,8 +130,8 @@ def fast_linear(layer: nn.Linear, x: Tensor) -> Tensor | None:
             return Bf16LinearViaFp32.apply(x, layer.weight, layer.bias)
     if not decode_step(x, layer.weight):
         return None
-    if x.numel() == x.shape[-1] and layer.weight.numel() < PACK_ONE_ROW:
-        # One row times a small weight: MKL streams an (in, out) copy (axpy on long rows)
+    if one_row_small(x, layer.weight.numel()):
+        # One row times a small fp32 weight: MKL streams an (in, out) copy (axpy on long rows)
         # faster than our (out, in) one when out >= in; otherwise plain is right.
         if layer.out_features < layer.in_features:
             return None
@@ -140,6 +140,12 @@ def fast_linear(layer: nn.Linear, x: Tensor) -> Tensor | None:
         return None if weight_t is None else transposed_product(x, weight_t, layer.bias)
     packed = packed_weight(layer, "_packed", (layer.weight,))
     return None if packed is None else packed_product(x, packed, layer.bias)
+
+
+def one_row_small(x: Tensor, weights: int) -> bool:
+    """One fp32 row times fewer than PACK_ONE_ROW weights: too small for a packed product (in
+    bf16 the plain kernels are slower still: packed at every size)."""
+    return x.numel() == x.shape[-1] and weights < PACK_ONE_ROW and x.dtype == torch.float32
 
 
 def transposed_product(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
@@ -168,8 +174,8 @@ _PLAIN = (nn.Parameter, Tensor)  # a DTensor parameter's type is DTensor
 # bandwidth: GPT-2 small's weights, one row, fp32 22.7 ms vs 38.7 (F.linear), 8 rows 25.7 vs
 # 61.9; bf16 16.5 vs 21.2 (Zen 4, 2 threads). None where torch has no oneDNN.
 _ONEDNN = {"ok": torch.backends.mkldnn.is_available()}
-# Below this many weights a one-row packed product's fixed cost (~20 us) outweighs its gain
-# (256 x 256: 7.8 us plain vs 23 packed; 256 x 4,096: 121-149 vs 73).
+# Below this many fp32 weights a one-row packed product's fixed cost (~20 us) outweighs its
+# gain (256 x 256: 7.8 us plain vs 23 packed; 256 x 4,096: 121-149 vs 73).
 PACK_ONE_ROW = 2**19
 
 
@@ -211,7 +217,7 @@ def fused_qkv(projections: tuple[nn.Linear, nn.Linear, nn.Linear], owner: nn.Mod
     if projections[0].bias is not None:
         biases = tuple(p.bias for p in projections)
         bias = derived_tensor(owner, "_qkv_bias", biases, lambda: torch.cat(biases).detach())
-    if x.numel() == x.shape[-1] and sum(w.numel() for w in weights) < PACK_ONE_ROW:
+    if one_row_small(x, sum(w.numel() for w in weights)):
         # one row, small weights: an (in, q + k + v) copy, as Linear does (see fast_linear)
         fused_t = derived_tensor(owner, "_qkv_t", weights,
                                  lambda: torch.cat(weights).detach().t().contiguous())
