@@ -122,7 +122,7 @@ def fast_linear(layer: nn.Linear, x: Tensor) -> Tensor | None:
     """layer(x) by a fast path, or None where the plain F.linear is the right call."""
     if x.is_cuda:
         # (not for a tensor-parallel DTensor weight: padding would regather its shards)
-        if layer.out_features % CUDA_OUTPUT_ALIGN and not hasattr(layer.weight, "placements"):
+        if layer.out_features % CUDA_OUTPUT_ALIGN and type(layer.weight) in _PLAIN:
             return padded_output_linear(x, layer.weight, layer.bias, CUDA_OUTPUT_ALIGN)
         return None
     if slow_bf16_cpu(x):
@@ -172,7 +172,7 @@ _PLAIN = (nn.Parameter, Tensor)  # a DTensor parameter's type is DTensor
 # our (out, in) weights slowly there. oneDNN's product with the weight reordered once into its
 # own blocked layout (what torch.compile's CPU "freezing" does) reads it at about the memory
 # bandwidth: GPT-2 small's weights, one row, fp32 22.7 ms vs 38.7 (F.linear), 8 rows 25.7 vs
-# 61.9; bf16 16.5 vs 21.2 (Zen 4, 2 threads). None where torch has no oneDNN.
+# 61.9; bf16 ~14 vs 21 (Zen 4, 2 threads). None where torch has no oneDNN.
 _ONEDNN = {"ok": torch.backends.mkldnn.is_available()}
 # Below this many fp32 weights a one-row packed product's fixed cost (~20 us) outweighs its
 # gain (256 x 256: 7.8 us plain vs 23 packed; 256 x 4,096: 121-149 vs 73).
