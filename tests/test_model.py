@@ -363,6 +363,18 @@ def test_padded_output_linear_equals_f_linear_with_gradients(bias):
     assert torch.allclose(y, ref, atol=1e-6)
     for g, r in zip(got, want, strict=True):
         assert g.shape == r.shape and torch.allclose(g, r, atol=1e-5)
+    # the strided logits view feeds our loss as contiguous logits do, in fp32 and bf16
+    from scratchllm.model.loss import lm_loss
+
+    targets = torch.tensor([[1, 12, -100], [0, 5, 7]])
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, wd = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+        losses = [lm_loss(padded_output_linear(xd, wd, None, 64), targets),
+                  lm_loss(F.linear(xd, wd), targets)]
+        grads = [torch.autograd.grad(loss, [xd, wd]) for loss in losses]
+        torch.testing.assert_close(losses[0], losses[1])
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b)
 
 
 def test_fused_qkv_decode_step_equals_separate_projections(monkeypatch):
