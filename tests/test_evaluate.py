@@ -263,7 +263,7 @@ def test_cli_end_to_end(tiny, tmp_path, judge_server, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--data", "missing.json"], "no such file"),
+    (["--data", "missing.json"], "not found"),
     (["--data", "no-such-dataset"], "unknown dataset"),
     (["--judge-url", "http://127.0.0.1:1/v1"], "--judge-model"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
@@ -294,8 +294,8 @@ def test_cli_bad_files_and_unreachable_judge(tiny, tmp_path, capsys, monkeypatch
         (no_template / f).write_bytes((path / f).read_bytes())
     good = tmp_path / "good.json"
     good.write_text(json.dumps(RECORDS[:1]))
-    cases = [(base + ["--data", str(bad)], "cannot read"),
-             (base + ["--data", str(missing_output)], "missing field"),
+    cases = [(base + ["--data", str(bad)], "is not valid JSON"),
+             (base + ["--data", str(missing_output)], "neither 'messages' nor"),
              (["evaluate", "--checkpoint", str(no_template), "--out", str(tmp_path / "p.jsonl"),
                "--device", "cpu", "--data", str(good)], "--template"),
              (base + ["--data", str(good), "--judge-url", closed_port_url(), "--judge-model",

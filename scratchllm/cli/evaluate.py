@@ -23,7 +23,7 @@ def register(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="checkpoint directory or run directory (its newest checkpoint)")
     p.add_argument("--data", default="instruction-data",
-                   help="dataset name or a .json/.jsonl file of Alpaca records or "
+                   help="dataset name, hf:NAME, or a .json/.jsonl file of Alpaca records or "
                         "{\"messages\": [...]} conversations (default: instruction-data)")
     p.add_argument("--split", choices=("train", "val", "test", "all"),
                    help="the book's 85/10/5 split in file order (default: test for a named "

@@ -99,10 +99,14 @@ def _instruction_file(source: str) -> Path:
                             "give instruction-data, a .json/.jsonl file or an hf: dataset")
         return path
     path = Path(source)
-    if not path.is_file():
+    if path.is_file():
+        return path
+    if path.suffix.lower() in (".json", ".jsonl") or "/" in source or "\\" in source:
         raise UserError(f"{path} not found: give instruction-data, a .json/.jsonl file of Alpaca "
                         "records or {\"messages\": [...]} conversations, or hf:NAME")
-    return path
+    registry.get(source)  # a name, but no dataset's: its error lists the known ones
+    raise UserError(f"the dataset {source} is not instruction data: give instruction-data, a "
+                    ".json/.jsonl file or an hf: dataset")
 
 
 def _read_records(path: Path) -> Any:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from scratchllm.data.chat import Template, get_template, render, render_prompt, shift, to_messages
 from scratchllm.data.formats import alpaca_text
+from scratchllm.data.instructions import load_instructions, split_book
 from scratchllm.errors import UserError
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from scratchllm.tokenizer.base import BaseTokenizer
 
 SPLITS = ("train", "val", "test", "all")
-TRAIN_FRACTION, TEST_FRACTION = 0.85, 0.10  # the book's split; validation gets the rest
 
 
 @dataclass(frozen=True)
@@ -51,40 +51,13 @@ class EvalExample:
 # ---- data ------------------------------------------------------------------------------------
 
 
-def read_records(data: str) -> list[Any]:
-    """The records of a named dataset (e.g. instruction-data) or a .json / .jsonl file."""
-    path = Path(data)
-    if not path.is_file():
-        if path.suffix in (".json", ".jsonl") or "/" in data:
-            raise UserError(f"--data {data}: no such file; give a .json/.jsonl file of Alpaca "
-                            "records or conversations, or a dataset name like instruction-data")
-        from scratchllm.data.registry import files
-
-        path = files(data)[0]
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({e}): give a UTF-8 JSON list or JSON lines of "
-                        "Alpaca records or {\"messages\": [...]} conversations") from e
-    if not isinstance(records, list) or not records:
-        raise UserError(f"{path} holds no records: give a non-empty JSON list (or JSON lines)")
-    return records
-
-
 def split_records(records: Sequence[Any], split: str) -> list[tuple[int, Any]]:
-    """(index, record) pairs of the book's split: 85% train, 10% test, 5% val, in file order."""
+    """(index, record) pairs of the book's split (data.instructions.split_book: 85% train, 10%
+    test, 5% val, in file order), or of every record for "all"."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    n_train = int(len(records) * TRAIN_FRACTION)
-    n_test = int(len(records) * TEST_FRACTION)
-    bounds = {"train": (0, n_train), "test": (n_train, n_train + n_test),
-              "val": (n_train + n_test, len(records)), "all": (0, len(records))}
-    start, end = bounds[split]
-    return [(i, records[i]) for i in range(start, end)]
+    indexed = list(enumerate(records))
+    return indexed if split == "all" else split_book(indexed)[split]
 
 
 def to_example(index: int, record: Any) -> EvalExample:
@@ -114,7 +87,7 @@ def load_examples(data: str, split: str | None = None, limit: int | None = None
     """Examples of a split (default: test for a named dataset, all for a file), maybe limited."""
     if split is None:
         split = "all" if Path(data).is_file() else "test"
-    pairs = split_records(read_records(data), split)
+    pairs = split_records(load_instructions(data), split)
     if limit is not None:
         if limit < 1:
             raise UserError(f"--limit must be >= 1, got {limit}")
