@@ -256,15 +256,20 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--worker", *s, "--steps",
                                   str(steps), "--warmup", str(warmup), *shape, "--",
                                   *args.extra, *data],
-                                 capture_output=True, text=True, check=True,
+                                 capture_output=True, text=True,
                                  env=os.environ | {"SCRATCHLLM_DATA_DIR": os.environ.get(
                                      "SCRATCHLLM_DATA_DIR", str(Path(__file__).resolve()
                                                                 .parents[2] / "shared/data"))})
+            if out.returncode != 0:  # report it and go on: the other settings still count
+                tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
+                print(f"setting {':'.join(s)} failed: {tail[0]}", file=sys.stderr)
+                continue
             report = json.loads(out.stdout.strip().splitlines()[-1])
             results[s] += [report["tokens"] / t for t in report["times"]]
             rss[s] = max(rss.get(s, 0.0), report["peak_mb"])
             flops = report["flops_per_token"]
     rows = []
+    settings = [s for s in settings if results[s]]  # those that ran
     for s in settings:
         tps = statistics.median(results[s])
         ratios = []
