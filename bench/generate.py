@@ -25,6 +25,7 @@ The baby GPT is nanoGPT's character-level one (65 ids, 10.7M parameters) with co
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -112,8 +113,8 @@ def run_case(name: str, batch: int, bandwidth: float, args) -> list[list[object]
     auto = resolve_dtype("cpu", "auto")
     models_by_key = {("ours", "float32"): ours, ("HF", "float32"): hf}
     if auto != "float32":  # bf16 weights where native: --dtype auto's path, and HF's best
-        models_by_key[("ours", auto)] = models(name)[0].to(DTYPES[auto])
-        models_by_key[("HF", auto)] = models(name)[1].to(DTYPES[auto])
+        models_by_key[("ours", auto)] = copy.deepcopy(ours).to(DTYPES[auto])
+        models_by_key[("HF", auto)] = copy.deepcopy(hf).to(DTYPES[auto])
     runs = {}
     for (impl, dtype), model in models_by_key.items():
         if impl == "ours":

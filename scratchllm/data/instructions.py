@@ -92,21 +92,18 @@ def _instruction_file(source: str) -> Path:
     """The JSON/JSONL file of a named dataset or a path."""
     from scratchllm.data import registry
 
-    if source in registry.DATASETS:
-        path = registry.files(source)[0]
-        if path.suffix.lower() not in (".json", ".jsonl"):
-            raise UserError(f"the dataset {source} is not instruction data (no JSON records): "
-                            "give instruction-data, a .json/.jsonl file or an hf: dataset")
-        return path
-    path = Path(source)
-    if path.is_file():
-        return path
-    if path.suffix.lower() in (".json", ".jsonl") or "/" in source or "\\" in source:
-        raise UserError(f"{path} not found: give instruction-data, a .json/.jsonl file of Alpaca "
-                        "records or {\"messages\": [...]} conversations, or hf:NAME")
-    registry.get(source)  # a name, but no dataset's: its error lists the known ones
-    raise UserError(f"the dataset {source} is not instruction data: give instruction-data, a "
-                    ".json/.jsonl file or an hf: dataset")
+    if source not in registry.DATASETS:
+        path = Path(source)
+        if path.is_file():
+            return path
+        if path.suffix.lower() in (".json", ".jsonl") or "/" in source or "\\" in source:
+            raise UserError(f"{path} not found: give instruction-data, a .json/.jsonl file of "
+                            "Alpaca records or {\"messages\": [...]} conversations, or hf:NAME")
+    path = registry.files(source)[0]  # another name raises, listing the known datasets
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        raise UserError(f"the dataset {source} is not instruction data (no JSON records): "
+                        "give instruction-data, a .json/.jsonl file or an hf: dataset")
+    return path
 
 
 def _read_records(path: Path) -> Any:

@@ -170,14 +170,22 @@ def process_logits(logits: Tensor, cfg: SamplingConfig, history: History | None 
 
 
 def sample_next(logits: Tensor, history: History | None, cfg: SamplingConfig,
-                generator: torch.Generator | None = None) -> Tensor:
-    """The next token (B,) for logits (B, V): argmax at temperature 0, else a draw."""
+                generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+    """The next token (B,) for logits (B, V): argmax at temperature 0, else a draw.
+
+    generator: one for the batch, or a list of B (each row draws its uniform number from its
+    own: a row draws what it would alone, in any batch).
+    """
     logits = process_logits(logits, cfg, history)
     if cfg.greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits, dim=-1)
     # With a generator the draw never touches torch's global RNG (training stays reproducible).
-    uniforms = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    if isinstance(generator, list):
+        uniforms = torch.cat([torch.rand(1, 1, generator=g, device=probs.device)
+                              for g in generator])
+    else:
+        uniforms = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
     return inverse_cdf(probs, uniforms)
 
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from scratchllm.errors import UserError
 from scratchllm.generate.engine import make_generator, model_device
-from scratchllm.generate.sampling import History, SamplingConfig, inverse_cdf, process_logits
+from scratchllm.generate.sampling import History, SamplingConfig, sample_next
 from scratchllm.generate.text import TextStream
 from scratchllm.model.cache import KVCache
 from scratchllm.tokenizer import BaseTokenizer
@@ -349,9 +349,9 @@ class Engine:
         """The next token of every row of logits (n, V).
 
         Rows with the same settings share each tensor op (greedy rows one argmax; sampled rows
-        one temperature, filter and softmax, then one inverse-CDF draw). A seeded row takes its
-        uniform number from its own generator, as sample_next does: the same token as alone.
-        A row with penalties reads its own history: it goes alone."""
+        one sample_next: one temperature, filter, softmax and inverse-CDF draw). A seeded row
+        takes its uniform number from its own generator: the same token as alone. A row with
+        penalties reads its own history: it goes alone."""
         groups: dict[object, list[int]] = {}
         for i, seq in enumerate(seqs):
             key = "greedy" if seq.plain_greedy else i if seq.history is not None else \
@@ -370,17 +370,9 @@ class Engine:
         first = seqs[rows[0]]
         if first.plain_greedy:
             return logits.argmax(-1)
-        cfg = first.req.sampling
-        logits = process_logits(logits, cfg, first.history)  # history: a group of one
-        if cfg.greedy:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits, dim=-1)
-        if first.generator is None:  # unseeded: torch's global RNG
-            uniforms = torch.rand(len(rows), 1, device=probs.device)
-        else:
-            uniforms = torch.cat([torch.rand(1, 1, generator=seqs[i].generator,
-                                             device=probs.device) for i in rows])
-        return inverse_cdf(probs, uniforms)
+        # history: a group of one; unseeded rows draw from torch's global RNG
+        generators = None if first.generator is None else [seqs[i].generator for i in rows]
+        return sample_next(logits, first.history, first.req.sampling, generators)
 
     def _accept(self, seq: _Seq, token: int, delta: Delta) -> bool:
         """Record a sampled token and emit its text; True when the sequence ended."""
