@@ -6,7 +6,7 @@ tinyshakespeare) on the CPU, fp32 and bf16 autocast (and ours with torch.compile
 setting runs in its own process (so peak memory is its own), rounds interleave the settings,
 and the table shows medians of per-step times. A setting is IMPL[+VARIANT...]:DTYPE[:compile],
 IMPL one of ours, hf, nano; variants of ours switch one optimisation off to measure it
-(VARIANTS below). MFU is against this machine's matmul peak for
+(VARIANTS below), and nano+heap / hf+heap give a peer our malloc setting. MFU is against this machine's matmul peak for
 each dtype, measured at the start (a GEMM probe on a CPU; the datasheet on a GPU). Run:
 python bench/train.py [--steps 15 --rounds 3]. bench/gpu.sh runs it for GPT-2 small on a GPU
 (--device cuda --preset gpt2-small --context 1024 ...; see there). Extra config overrides go
@@ -107,14 +107,21 @@ VARIANTS = {
     "unpadded": "CUDA: lm_head's output not padded to a multiple of 64 columns",
     "flash": "CPU bf16 training: torch's flash attention kernel (not bf16 GEMMs up to 512 keys)",
     "ce": "F.cross_entropy instead of our one-pass fp32 cross-entropy (model/loss.py)",
+    "heap": "glibc's default malloc thresholds (not runtime.reuse_freed_memory); on a peer, "
+            "+heap gives it ours",
 }
 
 
-def apply_variants(variants: list[str]) -> None:
-    """Switch the named optimisations of ours off in this (worker) process."""
+def apply_variants(impl: str, variants: list[str]) -> None:
+    """Switch the named optimisations of ours off in this (worker) process. A peer runs as its
+    users run it (glibc's default malloc), unless given +heap."""
     import torch.nn.functional as F
 
     from scratchllm.model import fastpath, loss
+    from scratchllm.train import loop
+
+    if (impl == "ours") == ("heap" in variants):  # loop.setup() would call it
+        loop.reuse_freed_memory = lambda: None
 
     for v in variants:
         if v not in VARIANTS:
@@ -139,7 +146,7 @@ def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int,
     from scratchllm.train import PretrainConfig, pretrainer
 
     impl, *variants = impl.split("+")
-    apply_variants(variants)
+    apply_variants(impl, variants)
     cfg = load_config(None, [*config, f"--train.dtype={dtype}", f"--train.compile={compile_}"],
                       PretrainConfig)
     loop = pretrainer(cfg, tempfile.mkdtemp(), progress=False, log=lambda *_: None)
@@ -279,7 +286,8 @@ def main() -> None:
             ratios.append(f"{tps / max(runs):.2f}x" if runs else "-")
         impl, *variants = s[0].split("+")
         name = {"ours": "scratchllm", "hf": "HF GPT2LMHeadModel", "nano": "nanoGPT-style"}[impl]
-        name += "".join(f" -{v}" for v in variants) + f" {s[1]}"
+        sign = "-" if impl == "ours" else "+"  # a variant switches ours off, gives a peer ours
+        name += "".join(f" {sign}{v}" for v in variants) + f" {s[1]}"
         name += " + compile" if s[2] == "true" else ""
         rows.append([name, f"{tps:,.0f}", *ratios, mfu(flops, tps, peaks[s[1]]),
                      f"{rss[s]:.0f}"])

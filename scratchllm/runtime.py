@@ -8,10 +8,12 @@ the model's CPU fast paths ask it whether this CPU multiplies bf16 natively.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import platform
 import random
+import sys
 import time
 
 import numpy as np
@@ -108,6 +110,28 @@ def set_threads(threads: int) -> None:
     """Use `threads` CPU threads for torch's kernels (0 keeps torch's default)."""
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def reuse_freed_memory() -> None:
+    """Have glibc keep freed memory in the process for the next allocation of that size.
+
+    By default glibc hands every block over 128 KiB (and later its adaptive threshold) back to
+    the OS when freed, so each training step maps its activations anew and the kernel zeroes
+    every page on first touch: ~20,000 page faults per baby-GPT step, 6-9% of a bf16 step on
+    the CPU. With the thresholds raised, a step reuses the previous step's memory and its peak
+    memory is unchanged (the same tensors live at the same time). No-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # a libc without mallopt (musl has a stub)
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    # glibc caps the mmap threshold (32 MiB on older releases): ask for 1 GiB, else the cap.
+    if not mallopt(m_mmap_threshold, 1 << 30):
+        mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 2 << 30)  # keep up to 2 GiB of free heap top for reuse
 
 
 # Datasheet dense peaks (bf16, fp32) of common GPUs; a CPU's peak is measured instead.

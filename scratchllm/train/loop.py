@@ -38,7 +38,14 @@ from scratchllm.distributed.parallelize import clip_grad_norm, parallelize
 from scratchllm.errors import UserError
 from scratchllm.fileio import atomic_write_text
 from scratchllm.model import IGNORE_INDEX
-from scratchllm.runtime import autocast, peak_flops, resolve_dtype, seed_everything, set_threads
+from scratchllm.runtime import (
+    autocast,
+    peak_flops,
+    resolve_dtype,
+    reuse_freed_memory,
+    seed_everything,
+    set_threads,
+)
 from scratchllm.train.metrics import MetricsLog, plot_run
 from scratchllm.train.optim import build_optimizer, lr_at
 
@@ -128,6 +135,7 @@ class TrainLoop:
         self.layout.barrier()
         cfg.train.dtype = resolve_dtype(self.device, cfg.train.dtype)
         set_threads(cfg.train.threads)
+        reuse_freed_memory()  # steps reuse the last step's activations' memory
         seed_everything(cfg.train.seed)  # the same on every rank: the same initial weights
         self.recipe = self.build(self)
         # After build: a recipe may derive settings (e.g. max_steps from epochs).
