@@ -6,8 +6,9 @@ tinyshakespeare) on the CPU, fp32 and bf16 autocast (and ours with torch.compile
 setting runs in its own process (so peak memory is its own), rounds interleave the settings,
 and the table shows medians of per-step times. A setting is IMPL[+VARIANT...]:DTYPE[:compile],
 IMPL one of ours, hf, nano; variants of ours switch one optimisation off to measure it
-(VARIANTS below), and nano+heap / hf+heap give a peer our malloc setting. MFU is against this machine's matmul peak for
-each dtype, measured at the start (a GEMM probe on a CPU; the datasheet on a GPU). Run:
+(VARIANTS below), and nano+heap / hf+heap give a peer our malloc setting. MFU is against
+this machine's matmul peak for each dtype, measured at the start (a GEMM probe on a CPU; the
+datasheet on a GPU). Run:
 python bench/train.py [--steps 15 --rounds 3]. bench/gpu.sh runs it for GPT-2 small on a GPU
 (--device cuda --preset gpt2-small --context 1024 ...; see there). Extra config overrides go
 after `--`, e.g. `-- --data.shards=DIR --data.tokenizer=FILE`.

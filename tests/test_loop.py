@@ -217,7 +217,7 @@ heap_before = mallinfo2().arena
 x = torch.empty(12 << 20).fill_(1.0)  # 48 MiB, above glibc's largest adaptive threshold
 mapped = mallinfo2().hblkhd >= 48 << 20  # in a mapping of its own, unmapped when freed
 del x
-kept = mallinfo2().arena - heap_before >= 48 << 20  # freed, but still the process's for the next step
+kept = mallinfo2().arena - heap_before >= 48 << 20  # freed, still ours for the next step
 print(mapped, kept)
 """
 
