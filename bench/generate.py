@@ -156,6 +156,8 @@ def profile_step(name: str) -> None:
     from torch.profiler import profile
 
     ours, _ = models(name)
+    dtype = resolve_dtype("cpu", "auto")  # what `--dtype auto` decodes in
+    ours = ours.to(DTYPES[dtype])
     cfg = GenerationConfig(max_new_tokens=200, temperature=0.0)
     steps = sample_stream(ours, [list(range(1, PROMPT_LEN + 1))], cfg)
     for _ in range(20):  # warm-up
@@ -167,7 +169,8 @@ def profile_step(name: str) -> None:
     with profile() as prof:
         for _ in range(50):
             next(steps)
-    kinds = {"matmuls (fused qkv, o, MLP, lm_head)": ("aten::addmm", "aten::mm"),
+    kinds = {"matmuls (fused qkv, o, MLP, lm_head)": ("aten::addmm", "aten::mm", "aten::linear",
+                                                     "mkldnn::_linear_pointwise"),
              "attention kernel (sdpa)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                                          "aten::_scaled_dot_product_attention_math"),
              "KV cache writes (index_copy_)": ("aten::index_copy_",)}
@@ -183,7 +186,8 @@ def profile_step(name: str) -> None:
                  total - sum(per.values())])
     rows.append(["Python, modules and dispatch (wall - aten)", wall - total])
     rows.append(["wall time per step (unprofiled)", wall])
-    print(f"\n{name}, batch 1: where one decode step of ours goes (~{PROMPT_LEN + 90} tokens)")
+    print(f"\n{name}, batch 1, {dtype}: where one decode step of ours goes "
+          f"(~{PROMPT_LEN + 90} tokens)")
     print(table(["part", "ms"], rows))
 
 
