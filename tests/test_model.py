@@ -394,6 +394,26 @@ def test_fused_qkv_decode_step_equals_separate_projections(monkeypatch):
     assert not any(key.startswith("_qkv") for key in attn.state_dict())
 
 
+def test_one_bf16_row_runs_torch_gemv_for_linear_and_fused_qkv(monkeypatch):
+    # Batch-1 bf16 decode: torch's own GEMV on the plain (out, in) weights (q, k, v stacked),
+    # no oneDNN-packed copies; oneDNN is switched back on after each product.
+    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: True)  # the path of such CPUs
+    cfg = GPTConfig.preset("nano", vocab_size=50, context_length=16, n_kv_head=2)
+    attn = GPT(cfg).blocks[0].attn.to(torch.bfloat16)
+    x = torch.randn(1, 1, cfg.n_embd).to(torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(2):  # second round: after an in-place change of one weight
+            q, k, v = attn._project_qkv(x)
+            assert derived_names(attn) == {"_qkv", "_qkv_bias"}
+            for got, proj in ((q, attn.q_proj), (k, attn.k_proj), (v, attn.v_proj)):
+                want = F.linear(x.float(), proj.weight.float(), proj.bias.float())
+                torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+            attn.v_proj.weight.mul_(3)
+        y = attn.o_proj(q)
+        assert y.dtype == torch.bfloat16 and not derived_names(attn.o_proj)
+        assert torch.backends.mkldnn.is_available() == torch._C._get_mkldnn_enabled()
+
+
 class ShiftedLinear(torch.nn.Module):
     """A wrapped projection (as LoRA wraps one): base(x) plus a learned shift."""
 
