@@ -170,7 +170,7 @@ def profile_step(name: str) -> None:
         for _ in range(50):
             next(steps)
     kinds = {"matmuls (fused qkv, o, MLP, lm_head)": ("aten::addmm", "aten::mm", "aten::linear",
-                                                     "mkldnn::_linear_pointwise"),
+                                                     "mkldnn::_linear_pointwise", "aten::mv", "aten::addmv_"),
              "attention kernel (sdpa)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                                          "aten::_scaled_dot_product_attention_math"),
              "KV cache writes (index_copy_)": ("aten::index_copy_",)}
