@@ -8,14 +8,14 @@ A decode step is memory-bound: "GB/s" is the bytes a step must read (every matmu
 lm_head included, plus the KV cache of the positions so far) over the step's time, and "of copy"
 that as a share of this machine's memory bandwidth, measured first by a STREAM-like copy. Each
 decode step is timed (the gap between two consecutive tokens, from our per-step iterator and from
-an HF stopping criterion called once per token), and tokens/s is batch / median step time: robust
-to the noise of a shared machine. Time to first token is the median of 3 runs of one token. The
-cache-less loop recomputes the whole sequence every step, so its cost grows with length; it runs
---nocache-tokens tokens only (its median step is then that of a shorter sequence: a generous number
-for it). Not run by CI.
+an HF stopping criterion called once per token), and tokens/s is batch / median step time over
+--rounds runs of every engine, interleaved: robust to the noise of a shared machine. Time to
+first token is the median of 3 runs of one token. The cache-less loop recomputes the whole
+sequence every step, so its cost grows with length; it runs --nocache-tokens tokens only (its
+median step is then that of a shorter sequence: a generous number for it). Not run by CI.
 
     python bench/generate.py [--cases baby,gpt2-small] [--batches 1,8] [--new-tokens 500]
-                             [--threads N] [--profile]
+                             [--rounds 2] [--threads N] [--profile]
 
 The baby GPT is nanoGPT's character-level one (65 ids, 10.7M parameters) with context_length
 512, so that 500 new tokens fit without sliding (HF's GPT-2 cannot go past n_positions).
@@ -130,11 +130,14 @@ def run_case(name: str, batch: int, bandwidth: float, args) -> list[list[object]
         run(4)
     first = {k: statistics.median(run(1)[0][0] for _ in range(3))
              for k, (_, run) in runs.items()}
-    steps, ids = {}, {}
-    for key, (_, run) in runs.items():
-        n = args.nocache_tokens if "no cache" in key else args.new_tokens
-        times, ids[key] = run(n)
-        steps[key] = statistics.median(times[1:])
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    ids = {}
+    for _ in range(args.rounds):  # interleaved: a slow minute of a shared machine hits all
+        for key, (_, run) in runs.items():
+            n = args.nocache_tokens if "no cache" in key else args.new_tokens
+            step_times, ids[key] = run(n)
+            times[key] += step_times[1:]
+    steps = {k: statistics.median(t) for k, t in times.items()}
     same = ids["ours, KV cache, float32"] == ids["HF generate, cache, float32"]
     hf_rate = max(batch / steps[k] for k in runs if k.startswith("HF"))
     rows = []
@@ -169,8 +172,8 @@ def profile_step(name: str) -> None:
     with profile() as prof:
         for _ in range(50):
             next(steps)
-    kinds = {"matmuls (fused qkv, o, MLP, lm_head)": ("aten::addmm", "aten::mm", "aten::linear",
-                                                     "mkldnn::_linear_pointwise", "aten::mv", "aten::addmv_"),
+    kinds = {"matmuls (fused qkv, o, MLP, lm_head)": ("aten::addmm", "aten::mm",
+                                                     "mkldnn::_linear_pointwise"),
              "attention kernel (sdpa)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                                          "aten::_scaled_dot_product_attention_math"),
              "KV cache writes (index_copy_)": ("aten::index_copy_",)}
@@ -197,6 +200,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=500)
     parser.add_argument("--nocache-tokens", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="runs of every engine, interleaved; medians over all their steps")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="also break down one step")
     args = parser.parse_args()
