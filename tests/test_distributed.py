@@ -165,3 +165,27 @@ def test_fine_tuning_under_ddp_trains_like_one_process(setup):
     assert len(want) == 4
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5)
+
+
+def test_seq2seq_under_ddp_trains_like_one_process(setup, tmp_path):
+    """train-seq2seq takes [parallel] too: 2 ranks x 1 batch of tokens = 1 rank x 2 of them."""
+    root = setup[0]
+    pairs = tmp_path / "pairs.tsv"
+    words = [f"{a}{b}{c}" for a in "abcdef" for b in "ghijk" for c in "lmnop"]  # 150
+    pairs.write_text("".join(f"{w}\t{w[::-1]}\n" for w in words))
+    runs = {}
+    for name, procs in (("s2s-1", 1), ("s2s-ddp", 2)):
+        runs[name] = root / name
+        scratchllm("train-seq2seq", "--out", str(runs[name]), f"--seq2seq.data={pairs}",
+                   "--seq2seq.vocab_size=300", "--seq2seq.val_size=10", "--seq2seq.test_size=10",
+                   "--seq2seq.max_tokens=64", "--train.batch_tokens=128",
+                   "--seq2seq.eval_sentences=0", "--seq2seq.samples=0",
+                   "--model.n_encoder_layer=1", "--model.n_decoder_layer=1",
+                   "--model.n_head=2", "--model.n_embd=32", "--model.mlp_hidden=64",
+                   "--model.embd_dropout=0.0", "--model.resid_dropout=0.0",
+                   "--train.max_steps=4", "--train.log_every=1", "--eval.every=4",
+                   "--train.threads=1", "--parallel.data=ddp", procs=procs)
+    got, want = losses(runs["s2s-ddp"]), losses(runs["s2s-1"])
+    assert len(want) == 4
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5)

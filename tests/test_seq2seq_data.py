@@ -149,6 +149,28 @@ def test_token_batches_resume_exactly_and_reject_another_run():
         TokenBatches(examples, 24, 0, 1, 1, seed=6).load_state_dict(a.state_dict())
 
 
+def test_two_ranks_read_what_one_process_reads_and_resume_on_one():
+    examples = [Example([i % 7 + 3, 1], [i % 5 + 3] * (i % 4 + 1)) for i in range(40)]
+
+    def batches(rank: int = 0, world_size: int = 1) -> TokenBatches:
+        b = TokenBatches(examples, 24, 0, 1, 1, seed=5)
+        b.shard(rank, world_size)
+        return b
+
+    one, ranks = batches(), [batches(0, 2), batches(1, 2)]
+    assert ranks[0].steps_per_epoch == one.steps_per_epoch // 2
+    for _ in range(ranks[0].steps_per_epoch):  # a whole epoch: batch by batch the same
+        for rank in ranks:
+            assert all(torch.equal(x, y) for x, y in zip(rank.next_batch(), one.next_batch(),
+                                                         strict=True))
+    ranks[0].next_batch()  # one step into the next epoch, then resume in one process
+    resumed = batches()
+    resumed.load_state_dict(ranks[0].state_dict())
+    assert (resumed.epoch, resumed.index) == (1, 2)
+    with pytest.raises(UserError, match="fewer than 99 data-parallel ranks"):
+        batches().shard(0, 99)
+
+
 def test_summarization_smoke_set_is_paragraph_to_first_sentence():
     text = ("A short line.\n\nThe first sentence is here. The second one follows it. A third "
             "one ends the paragraph, which is long enough to count as a small document for "

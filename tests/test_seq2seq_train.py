@@ -117,6 +117,7 @@ def test_train_translate_and_summarize_commands(tmp_path, data, monkeypatch, cap
       "en"], "holds fr-en pairs, not de-en"),
     (["train-seq2seq", "--source-lang", "fr"], "set both"),
     (["train-seq2seq", "--model.norm_position=middle"], "norm_position"),
+    (["train-seq2seq", "--parallel.data=fsdp"], "data-parallel only"),
     (["train-seq2seq", "--seq2seq.max_source_len=512", "--model.context_length=128"],
      "context_length"),
 ])

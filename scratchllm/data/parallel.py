@@ -412,7 +412,12 @@ def bucket(examples: list[Example], max_tokens: int, seed: int | None = None
 
 class TokenBatches:
     """Training batches of about max_tokens tokens, bucketed by length; each epoch visits
-    every batch once in a new seeded order; the position is saved for exact resume."""
+    every batch once in a new seeded order; the position is saved for exact resume.
+
+    Under data parallelism (shard) rank r of N reads batches r, N + r, 2N + r, ... of each
+    epoch's order: N ranks read, step by step, the batches one process reads with N times the
+    accumulation (an epoch's last len % N batches are skipped); the state is every rank's.
+    """
 
     def __init__(self, examples: list[Example], max_tokens: int, pad_id: int, bos_id: int,
                  eos_id: int, seed: int) -> None:
@@ -422,30 +427,41 @@ class TokenBatches:
         self.ids = (pad_id, bos_id, eos_id)
         self.batches = bucket(examples, max_tokens, seed)
         self.epoch, self.index = 0, 0
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read rank's share of every epoch (see the class docstring)."""
+        if len(self.batches) < world_size:
+            raise UserError(f"the training split makes {len(self.batches)} batches, fewer than "
+                            f"{world_size} data-parallel ranks: lower seq2seq.max_tokens")
+        self.rank, self.world_size = rank, world_size
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.batches)
+        """Batches this rank reads per epoch."""
+        return len(self.batches) // self.world_size
 
     def next_batch(self) -> tuple[Tensor, ...]:
         """The next batch (source, targets, decoder inputs, source mask)."""
-        if self.index >= len(self.batches):
+        if self.index >= self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.batches))
-        batch = self.batches[int(order[self.index])]
+        batch = self.batches[int(order[self.index * self.world_size + self.rank])]
         self.index += 1
         return make_batch([self.examples[i] for i in batch], *self.ids)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "seq2seq", "epoch": self.epoch, "index": self.index, "seed": self.seed,
-                "batches": len(self.batches)}
+                "batches": len(self.batches), "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "seq2seq" or state.get("seed") != self.seed \
                 or state.get("batches") != len(self.batches):
             raise UserError("the checkpoint's data position belongs to another run: resume with "
                             "the same data, tokenizer and train.seed")
-        self.epoch, self.index = state["epoch"], state["index"]
+        # Batches read so far this epoch, counted on another number of ranks if need be.
+        read = state["index"] * state.get("world_size", 1)
+        self.epoch, self.index = state["epoch"], read // self.world_size
 
 
 def iter_batches(examples: list[Example], max_tokens: int, pad_id: int, bos_id: int,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from scratchllm.config import Sections, check_choice, check_range
 from scratchllm.data import parallel
 from scratchllm.data.parallel import Example, Pair
+from scratchllm.distributed.config import ParallelConfig
 from scratchllm.errors import UserError
 from scratchllm.model.loss import lm_loss_sum
 from scratchllm.model.seq2seq import Seq2Seq, Seq2SeqConfig, greedy_decode, smoothed_loss_sum
@@ -102,7 +103,8 @@ MODEL_KEYS = ["preset", *(f.name for f in fields(Seq2SeqConfig))]
 @dataclass
 class Seq2SeqTrainConfig(Sections):
     """A seq2seq run: [seq2seq], [model] (a preset plus any Seq2SeqConfig field) and the loop's
-    [train], [optim], [eval], [checkpoint]; Adam as in the paper (beta2 0.98, inverse-sqrt)."""
+    [train], [optim], [eval], [checkpoint], [parallel] (data parallelism: ddp or zero1);
+    Adam as in the paper (beta2 0.98, inverse-sqrt)."""
 
     seq2seq: Seq2SeqTask = field(default_factory=Seq2SeqTask)
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "seq2seq-small"},
@@ -113,10 +115,15 @@ class Seq2SeqTrainConfig(Sections):
         schedule="inverse_sqrt", warmup_steps=200))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=250, sample_tokens=0))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def check(self) -> None:
-        """[model] must make a valid Seq2SeqConfig with room for the longest source/target."""
+        """[model] must make a valid Seq2SeqConfig with room for the longest source/target;
+        [parallel] replicates the model (FSDP and tensor parallelism shard GPT blocks only)."""
         self.model_config(self.seq2seq.vocab_size)
+        if self.parallel.data == "fsdp" or self.parallel.tensor > 1:
+            raise UserError("seq2seq training runs data-parallel only: set parallel.data to "
+                            "ddp or zero1 and parallel.tensor to 1")
 
     def model_config(self, vocab_size: int, pad_id: int = 0, bos_id: int = 0,
                      eos_id: int = 0) -> Seq2SeqConfig:
@@ -222,8 +229,10 @@ def build_seq2seq(loop: TrainLoop) -> Recipe:
                for name, pairs in splits.items()}
     batches = parallel.TokenBatches(encoded["train"], task.max_tokens, pad, bos, eos,
                                     cfg.train.seed)
+    ranks = loop.layout.data_size
+    batches.shard(loop.layout.data_rank, ranks)  # per-rank share
     schedule_epochs(cfg, task.epochs, batches.steps_per_epoch)
-    accumulation = max(1, math.ceil(cfg.train.batch_tokens / task.max_tokens))
+    accumulation = max(1, math.ceil(cfg.train.batch_tokens / (task.max_tokens * ranks)))
     smoothing = model.config.label_smoothing
 
     def loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
@@ -274,8 +283,10 @@ class Evaluation:
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: list[Example], max_tokens: int,
               device: torch.device | str, dtype: str = "float32") -> float:
-    """Cross-entropy per target token (no label smoothing) over every example."""
-    pad, bos, eos = model.config.pad_id, model.config.bos_id, model.config.eos_id
+    """Cross-entropy per target token (no label smoothing) over every example; model may be
+    wrapped (DDP, compile): the Seq2Seq inside holds the special ids."""
+    config = getattr(model, "module", model).config  # DDP keeps the model as .module
+    pad, bos, eos = config.pad_id, config.bos_id, config.eos_id
     total, count = 0.0, 0
     for _, batch in parallel.iter_batches(examples, max_tokens, pad, bos, eos):
         src, targets, tgt_in, mask = (t.to(device) for t in batch)
