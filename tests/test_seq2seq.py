@@ -312,3 +312,23 @@ def test_marian_export_loads_in_transformers_and_decodes_the_same(tmp_path):
     # Our own layout choices that Marian cannot hold are refused with a fix.
     with pytest.raises(UserError, match="norm_position=post"):
         to_hf(tiny(), tmp_path / "x")
+
+
+def test_activation_checkpointing_recomputes_the_same_gradients():
+    from scratchllm.distributed.parallelize import checkpoint_blocks
+
+    src = torch.randint(2, 23, (3, 7))
+    tgt = torch.randint(2, 23, (3, 5))
+    grads = []
+    for recompute in (False, True):
+        model = tiny().train()
+        if recompute:
+            checkpoint_blocks(model)  # every encoder and decoder layer recomputes in backward
+            layers = [*model.encoder_blocks, *model.decoder_blocks]
+            assert len(layers) == 4 and all("forward" in vars(layer) for layer in layers)
+        loss = model(src, tgt).float().logsumexp(-1).mean()
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)

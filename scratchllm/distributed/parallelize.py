@@ -57,11 +57,20 @@ def _gpt(model: nn.Module) -> nn.Module:
     return getattr(model, "gpt", model)
 
 
+def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated layers: a GPT's blocks (inside a task model too), or an encoder-decoder's
+    encoder and decoder layers."""
+    inner = _gpt(model)
+    if hasattr(inner, "blocks"):
+        return list(inner.blocks)
+    return [*inner.encoder_blocks, *inner.decoder_blocks]
+
+
 def checkpoint_blocks(model: nn.Module) -> None:
     """Recompute each block's activations in backward instead of keeping them (names kept)."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in _gpt(model).blocks:
+    for block in _transformer_blocks(model):
         forward = block.forward
 
         def checkpointed(*args, _forward=forward, **kwargs):
