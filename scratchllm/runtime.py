@@ -117,9 +117,10 @@ def reuse_freed_memory() -> None:
 
     By default glibc hands every block over 128 KiB (and later its adaptive threshold) back to
     the OS when freed, so each training step maps its activations anew and the kernel zeroes
-    every page on first touch: ~20,000 page faults per baby-GPT step, 6-9% of a bf16 step on
-    the CPU. With the thresholds raised, a step reuses the previous step's memory and its peak
-    memory is unchanged (the same tensors live at the same time). No-op off glibc.
+    every page on first touch: ~20,000 page faults per baby-GPT step, 7-10% of a bf16 step on
+    the CPU in same-minute pairs of runs (docs/train.md). With the thresholds raised, a step
+    reuses the previous step's memory and its peak memory is unchanged (the same tensors live
+    at the same time). No-op off glibc.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -131,7 +132,7 @@ def reuse_freed_memory() -> None:
     # glibc caps the mmap threshold (32 MiB on older releases): ask for 1 GiB, else the cap.
     if not mallopt(m_mmap_threshold, 1 << 30):
         mallopt(m_mmap_threshold, 32 << 20)
-    mallopt(m_trim_threshold, 2 << 30)  # keep up to 2 GiB of free heap top for reuse
+    mallopt(m_trim_threshold, 2**31 - 1)  # keep up to 2 GiB (mallopt takes an int) for reuse
 
 
 # Datasheet dense peaks (bf16, fp32) of common GPUs; a CPU's peak is measured instead.
