@@ -398,6 +398,8 @@ def test_one_bf16_row_runs_torch_gemv_for_linear_and_fused_qkv(monkeypatch):
     # Batch-1 bf16 decode: torch's own GEMV on the plain (out, in) weights (q, k, v stacked),
     # no oneDNN-packed copies; oneDNN is switched back on after each product.
     monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: True)  # the path of such CPUs
+    calls, gemv = [], fastpath.torch_gemv
+    monkeypatch.setattr(fastpath, "torch_gemv", lambda *a: calls.append(1) or gemv(*a))
     cfg = GPTConfig.preset("nano", vocab_size=50, context_length=16, n_kv_head=2)
     attn = GPT(cfg).blocks[0].attn.to(torch.bfloat16)
     x = torch.randn(1, 1, cfg.n_embd).to(torch.bfloat16)
@@ -411,6 +413,7 @@ def test_one_bf16_row_runs_torch_gemv_for_linear_and_fused_qkv(monkeypatch):
             attn.v_proj.weight.mul_(3)
         y = attn.o_proj(q)
         assert y.dtype == torch.bfloat16 and not derived_names(attn.o_proj)
+        assert len(calls) == 3  # q/k/v twice, o_proj once
         assert torch.backends.mkldnn.is_available() == torch._C._get_mkldnn_enabled()
 
 

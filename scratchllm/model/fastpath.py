@@ -242,24 +242,19 @@ def fused_qkv(projections: tuple[nn.Linear, nn.Linear, nn.Linear], owner: nn.Mod
     if projections[0].bias is not None:
         biases = tuple(p.bias for p in projections)
         bias = derived_tensor(owner, "_qkv_bias", biases, lambda: torch.cat(biases).detach())
-    if one_bf16_row(x):
+    if one_bf16_row(x):  # torch's GEMV on a plain (q + k + v, C) copy
         fused = derived_tensor(owner, "_qkv", weights, lambda: torch.cat(weights).detach())
-        if fused is None:
-            return None
-        qkv = torch_gemv(x, fused, bias)
+        product = torch_gemv
     elif one_row_small(x, sum(w.numel() for w in weights)):
         # one row, small weights: an (in, q + k + v) copy, as Linear does (see fast_linear)
-        fused_t = derived_tensor(owner, "_qkv_t", weights,
-                                 lambda: torch.cat(weights).detach().t().contiguous())
-        if fused_t is None:
-            return None
-        qkv = transposed_product(x, fused_t, bias)
+        fused = derived_tensor(owner, "_qkv_t", weights,
+                               lambda: torch.cat(weights).detach().t().contiguous())
+        product = transposed_product
     else:
-        packed = packed_weight(owner, "_qkv_packed", weights)
-        if packed is None:
-            return None
-        qkv = packed_product(x, packed, bias)
-    return qkv.split([p.out_features for p in projections], dim=-1)
+        fused, product = packed_weight(owner, "_qkv_packed", weights), packed_product
+    if fused is None:
+        return None
+    return product(x, fused, bias).split([p.out_features for p in projections], dim=-1)
 
 
 # On a CPU with native bf16, torch's flash attention kernel is slow in bf16; two bf16 GEMMs and
