@@ -1,4 +1,5 @@
-"""Atomic writes: a crash never leaves a half-written file under the real name."""
+"""Atomic writes (a crash never leaves a half-written file under the real name) and JSON reads
+with one-line errors."""
 
 import json
 import os
@@ -35,16 +36,33 @@ def _umask() -> int:
     return mask
 
 
-def read_json_object(file: Path, hint: str) -> dict[str, Any]:
-    """A JSON object from `file`, or a UserError that ends with `hint` (what to do)."""
+def read_json(file: Path, hint: str) -> Any:
+    """The JSON value in `file`, or a UserError that ends with `hint` (what to do)."""
     from scratchllm.errors import UserError
 
     if not file.is_file():
         raise UserError(f"{file} not found: {hint}")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        return json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{file} is not valid JSON ({e}): {hint}") from None
+
+
+def read_json_object(file: Path, hint: str) -> dict[str, Any]:
+    """A JSON object from `file`, or a UserError that ends with `hint` (what to do)."""
+    from scratchllm.errors import UserError
+
+    data = read_json(file, hint)
     if not isinstance(data, dict):
         raise UserError(f"{file} must hold a JSON object: {hint}")
     return data
+
+
+def json_line(line: str, where: str) -> Any:
+    """One JSON Lines record, or a UserError naming `where` it is (path:line)."""
+    from scratchllm.errors import UserError
+
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e})") from None

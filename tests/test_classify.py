@@ -152,6 +152,14 @@ def test_classify_needs_a_classifier(base, capsys):
         load_classifier(base)
 
 
+def test_damaged_classifier_config_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text('{"kind": "classif')  # cut off mid-write
+    assert main(["classify", "--checkpoint", str(tmp_path), "text"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json is not valid JSON" in err
+
+
 def test_lora_run_saves_adapters_only_and_merges(base, toy, tmp_path, capsys):
     from safetensors.torch import load_file
 

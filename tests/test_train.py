@@ -246,6 +246,14 @@ def test_config_errors_are_one_line(tmp_path, capsys):
                  "--model.n_head=4", "--train.max_steps=1", *TINY[:2]]) == 1
     assert "divisible" in capsys.readouterr().err
     assert main(["pretrain", "--out", str(tmp_path / "r"), "--train.dtype=float8"]) == 1
+    capsys.readouterr()
+    damaged = tmp_path / "hf"  # an init_from directory whose config.json was cut off
+    damaged.mkdir()
+    (damaged / "config.json").write_text('{"model_type": "gp')
+    assert main(["pretrain", "--out", str(tmp_path / "r"), *TINY,
+                 f"--train.init_from={damaged}"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "config.json is not valid JSON" in errors[0]
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scratchllm.errors import UserError
+from scratchllm.fileio import read_json
 
 if TYPE_CHECKING:
     from scratchllm.tokenizer import BaseTokenizer
@@ -127,18 +128,12 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str 
 
 def _load_tokenizer(path: Path) -> BaseTokenizer:
     """A tokenizer file given with --tokenizer: scratchllm's own format or an HF tokenizer.json."""
-    import json
 
     from scratchllm.tokenizer import load_tokenizer
     from scratchllm.tokenizer.base import FORMAT_NAME
     from scratchllm.tokenizer.hf import load_hf_tokenizer
 
-    if not path.is_file():
-        raise UserError(f"--tokenizer {path} does not exist: give a tokenizer file")
-    try:
-        head = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--tokenizer {path} is not a JSON tokenizer file ({e})") from None
+    head = read_json(path, "give --tokenizer a tokenizer.json (scratchllm's or HF's)")
     if isinstance(head, dict) and head.get("format") != FORMAT_NAME and "model" in head:
         return load_hf_tokenizer(path)
     return load_tokenizer(path)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from scratchllm.cli.common import command_group
 from scratchllm.errors import UserError
+from scratchllm.fileio import json_line
 
 CLASSIFY_NEXT = """next:
   scratchllm classify --checkpoint {run} "Congratulations, you won a prize! Call now"
@@ -175,10 +176,7 @@ def _read_texts(path: Path, field: str) -> list[str]:
         return lines
     texts = []
     for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n} is not valid JSON ({e})") from None
+        record = json_line(line, f"{path}:{n}")
         if not isinstance(record, dict) or field not in record:
             raise UserError(f"{path}:{n} has no field {field!r}; name it with --text-field")
         texts.append(str(record[field]))

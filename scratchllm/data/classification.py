@@ -8,7 +8,6 @@ last real token). Training batches are shuffled per epoch from a seed and resume
 from __future__ import annotations
 
 import csv
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from scratchllm.data.epochs import EpochOrder
 from scratchllm.errors import UserError
+from scratchllm.fileio import json_line
 
 SPLITS = ("train", "val", "test")
 
@@ -84,10 +84,10 @@ def read_labelled(path: Path, text_field: str, label_field: str) -> list[tuple[s
         records: list[dict[str, Any]] = list(csv.DictReader(
             text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
     elif suffix == ".jsonl":
-        records = [_json(line, path, n) for n, line in enumerate(text.splitlines(), 1)
+        records = [json_line(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1)
                    if line.strip()]
     elif suffix == ".json":
-        records = _json(text, path, 1)
+        records = json_line(text, str(path))
         if not isinstance(records, list):
             raise UserError(f"{path} must hold a JSON list of records")
     else:
@@ -108,13 +108,6 @@ def read_labelled(path: Path, text_field: str, label_field: str) -> list[tuple[s
     if not examples:
         raise UserError(f"{path} has no record with both a text and a label")
     return examples
-
-
-def _json(text: str, path: Path, line: int) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{line} is not valid JSON ({e})") from None
 
 
 def _undersample(examples: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:

@@ -21,7 +21,6 @@ included) of similar lengths, so little of each batch is padding.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from scratchllm.data import registry
 from scratchllm.errors import UserError
+from scratchllm.fileio import json_line
 from scratchllm.model.loss import IGNORE_INDEX
 
 Pair = tuple[str, str]
@@ -134,10 +134,7 @@ def read_jsonl(path: str | Path, source_field: str = "source", target_field: str
     for n, line in enumerate(_lines(Path(path)), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n} is not valid JSON ({e})") from None
+        record = json_line(line, f"{path}:{n}")
         if not isinstance(record, dict) or source_field not in record \
                 or target_field not in record:
             raise UserError(f"{path}:{n} needs the fields {source_field!r} and {target_field!r} "

@@ -7,13 +7,13 @@ including "### Response:\\n", so prompt + chosen is exactly alpaca_text(..., cho
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from scratchllm.data import registry
 from scratchllm.data.formats import alpaca_text
 from scratchllm.errors import UserError
+from scratchllm.fileio import read_json
 
 NAME = "preference-data"
 REQUIRED = ("instruction", "chosen", "rejected")  # "input" may be absent or empty
@@ -77,14 +77,8 @@ def parse_pairs(records: object, origin: str) -> list[PreferencePair]:
 
 def read_pairs(path: str | Path) -> list[PreferencePair]:
     """All pairs of a preference JSON file, in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"preference file {path} not found")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
-    return parse_pairs(records, str(path))
+    hint = "give a JSON list of {instruction, input, chosen, rejected} records"
+    return parse_pairs(read_json(Path(path), hint), str(path))
 
 
 def split_pairs(pairs: list[PreferencePair]) -> PreferenceSplits:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scratchllm.errors import UserError
+from scratchllm.fileio import json_line
 from scratchllm.tokenizer.pretokenize import safe_cut
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
@@ -310,10 +311,7 @@ def _jsonl_segments(path: Path, options: SourceOptions) -> Iterator[Segment]:
     for number, line in enumerate(_lines(path, options), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        record = json_line(line, f"{path}:{number}")
         yield Segment(_field(record, options, f"{path}:{number}"), f"{path}:{number}")
 
 

@@ -8,7 +8,6 @@ adapters + the head. Every epoch reports loss, accuracy and macro-F1 on each spl
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from scratchllm.data.classification import (
 )
 from scratchllm.distributed.config import ParallelConfig
 from scratchllm.errors import UserError
+from scratchllm.fileio import read_json_object
 from scratchllm.model import GPT
 from scratchllm.model.classifier import POOLINGS, ClassifierConfig, GPTClassifier
 from scratchllm.model.lora import (
@@ -234,7 +234,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu"):
     """(classifier in eval mode, tokenizer, ClassifierConfig) from a classification run or
     checkpoint; a LoRA run is rebuilt from its base with the adapters applied."""
     checkpoint = find_checkpoint(path)
-    data = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    data = read_json_object(checkpoint / "config.json",
+                            "point at a run of `scratchllm finetune classify`")
     if data.get("kind") != "classifier":
         raise UserError(f"{checkpoint} is not a classifier: train one with "
                         "`scratchllm finetune classify`")

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +17,7 @@ from scratchllm.config import Sections, check_choice, check_range
 from scratchllm.data.loader import RandomWindows, SequentialWindows, load_tokens
 from scratchllm.distributed.config import ParallelConfig
 from scratchllm.errors import UserError
+from scratchllm.fileio import read_json_object
 from scratchllm.model import GPT, GPTConfig, lm_loss_sum
 from scratchllm.model.flops import flops_per_token
 from scratchllm.runtime import autocast
@@ -214,7 +214,8 @@ def init_model(cfg: PretrainConfig, vocab_size: int, log) -> GPT:
         return GPT(cfg.model_config(vocab_size))
     path = Path(source)
     config_file = path / "config.json"
-    if config_file.is_file() and "model_type" in json.loads(config_file.read_text()):
+    if config_file.is_file() and "model_type" in read_json_object(
+            config_file, "train.init_from takes an HF model directory or a checkpoint"):
         from scratchllm.model.convert import from_hf
 
         model = from_hf(path)
