@@ -36,15 +36,27 @@ def _umask() -> int:
     return mask
 
 
-def read_json(file: Path, hint: str) -> Any:
-    """The JSON value in `file`, or a UserError that ends with `hint` (what to do)."""
+def read_utf8(file: Path, hint: str) -> str:
+    """The text of a file the user named, or a UserError that ends with `hint` (what to do):
+    missing, a directory, unreadable or not UTF-8."""
     from scratchllm.errors import UserError
 
     if not file.is_file():
         raise UserError(f"{file} not found: {hint}")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {file} ({e}): {hint}") from None
+
+
+def read_json(file: Path, hint: str) -> Any:
+    """The JSON value in `file`, or a UserError that ends with `hint` (what to do)."""
+    from scratchllm.errors import UserError
+
+    text = read_utf8(file, hint)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise UserError(f"{file} is not valid JSON ({e}): {hint}") from None
 
 

@@ -160,6 +160,17 @@ def test_damaged_classifier_config_is_a_one_line_error(tmp_path, capsys):
     assert err.count("\n") == 1 and "config.json is not valid JSON" in err
 
 
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"), (b"\xd5\x00\xff binary", "codec can't decode")])
+def test_unreadable_texts_file_is_a_one_line_error(tmp_path, capsys, content, message):
+    path = tmp_path / "texts.txt"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["classify", "--checkpoint", str(tmp_path), "--file", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "give --file a UTF-8 text file" in err
+
+
 def test_lora_run_saves_adapters_only_and_merges(base, toy, tmp_path, capsys):
     from safetensors.torch import load_file
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from scratchllm.cli.common import command_group
 from scratchllm.errors import UserError
-from scratchllm.fileio import json_line
+from scratchllm.fileio import json_line, read_utf8
 
 CLASSIFY_NEXT = """next:
   scratchllm classify --checkpoint {run} "Congratulations, you won a prize! Call now"
@@ -169,9 +169,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def _read_texts(path: Path, field: str) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"{path} not found: give a text file (one text per line) or JSONL")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = read_utf8(path, "give --file a UTF-8 text file (one text per line) or JSONL")
+    lines = [line for line in text.splitlines() if line.strip()]
     if path.suffix.lower() != ".jsonl":
         return lines
     texts = []

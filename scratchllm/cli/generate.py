@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchllm.errors import UserError
+from scratchllm.fileio import read_utf8
 
 DESCRIPTION = """Generate text from a checkpoint (or a run directory: its newest checkpoint).
 The prompt comes from --prompt, --prompt-file or stdin. Output streams as it is generated;
@@ -66,11 +67,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
         return args.prompt
     if args.prompt_file is not None:
-        try:
-            return args.prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --prompt-file {args.prompt_file} ({e}): "
-                            "give a readable UTF-8 file") from e
+        return read_utf8(args.prompt_file, "give --prompt-file a UTF-8 text file")
     return sys.stdin.read()
 
 

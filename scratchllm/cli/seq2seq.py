@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from scratchllm.errors import UserError
+from scratchllm.fileio import read_utf8
 
 TRAIN_NEXT = """next:
   scratchllm translate --checkpoint {run} "{example}"
@@ -105,10 +106,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
             raise UserError("--score decodes its own sources: drop the texts and --file")
         texts, refs = _score_pairs(args, settings)
     if args.file is not None:
-        if not args.file.is_file():
-            raise UserError(f"{args.file} not found: give a text file, one text per line")
-        texts += [line for line in args.file.read_text(encoding="utf-8").splitlines()
-                  if line.strip()]
+        text = read_utf8(args.file, "give --file a UTF-8 text file, one text per line")
+        texts += [line for line in text.splitlines() if line.strip()]
     if not texts and args.score is None:
         texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not texts:

@@ -21,6 +21,7 @@ import torch
 
 from scratchllm.data.epochs import EpochOrder
 from scratchllm.errors import UserError
+from scratchllm.fileio import read_utf8
 
 SPLITS = ("train", "val", "test")
 
@@ -108,10 +109,7 @@ def _instruction_file(source: str) -> Path:
 
 def _read_records(path: Path) -> Any:
     """The decoded records of a .json (one array) or .jsonl (one object a line) file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path} ({e}): give a UTF-8 JSON or JSONL file") from None
+    text = read_utf8(path, "give a UTF-8 JSON or JSONL file")
     try:
         if path.suffix.lower() == ".jsonl":
             return [json.loads(line) for line in text.splitlines() if line.strip()]

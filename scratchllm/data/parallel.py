@@ -33,7 +33,7 @@ from torch import Tensor
 
 from scratchllm.data import registry
 from scratchllm.errors import UserError
-from scratchllm.fileio import json_line
+from scratchllm.fileio import json_line, read_utf8
 from scratchllm.model.loss import IGNORE_INDEX
 
 Pair = tuple[str, str]
@@ -91,12 +91,7 @@ def check_pairs(pairs: list[Pair], origin: str) -> list[Pair]:
 
 
 def _lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"{path} not found: give an existing file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from None
+    text = read_utf8(path, "give an existing UTF-8 text file")
     lines = text.replace("\r\n", "\n").split("\n")
     return lines[:-1] if lines[-1] == "" else lines  # a final newline ends the last line
 
