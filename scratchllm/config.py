@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scratchllm.errors import UserError
+from scratchllm.fileio import read_utf8
 
 C = TypeVar("C")
 
@@ -59,10 +60,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str], schema: type[
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist (presets are in configs/)")
+        text = read_utf8(path, "give a TOML config file (presets are in configs/)")
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path} is not valid TOML: {e}") from None
     config = schema()

@@ -145,11 +145,14 @@ def test_bad_data_is_a_one_line_error(base, tmp_path, capsys, content, field, me
     assert not list_checkpoints(tmp_path / "run")
 
 
-def test_classify_needs_a_classifier(base, capsys):
+def test_classify_needs_a_classifier(base, tmp_path, capsys):
     assert main(["classify", "--checkpoint", str(base), "text"]) == 1
     assert "is not a classifier" in capsys.readouterr().err
     with pytest.raises(UserError, match="not a classifier"):
         load_classifier(base)
+    assert main(["merge", "--checkpoint", str(base), "--out", str(tmp_path / "m")]) == 1
+    assert "has no LoRA adapters: merge takes a LoRA fine-tuning run" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_damaged_classifier_config_is_a_one_line_error(tmp_path, capsys):

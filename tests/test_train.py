@@ -242,6 +242,10 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert main(["pretrain", "--config", str(bad), "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean 'max_steps'" in err
+    bad.write_bytes(b"\xd5\x00 binary")
+    assert main(["plan", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give a TOML config file" in err
     assert main(["pretrain", "--out", str(tmp_path / "r"), "--model.n_embd=30",
                  "--model.n_head=4", "--train.max_steps=1", *TINY[:2]]) == 1
     assert "divisible" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from scratchllm.cli.common import command_group
 from scratchllm.errors import UserError
-from scratchllm.fileio import json_line, read_utf8
+from scratchllm.fileio import json_line, read_json_object, read_utf8
 
 CLASSIFY_NEXT = """next:
   scratchllm classify --checkpoint {run} "Congratulations, you won a prize! Call now"
@@ -187,6 +187,13 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from scratchllm.finetune.classify import merge_checkpoint
     from scratchllm.finetune.instruct import ADAPTER_FILE, merge_chat_checkpoint
 
-    instruct_run = (find_checkpoint(args.checkpoint) / ADAPTER_FILE).is_file()
-    merge = merge_chat_checkpoint if instruct_run else merge_checkpoint
+    checkpoint = find_checkpoint(args.checkpoint)
+    if (checkpoint / ADAPTER_FILE).is_file():  # an instruct or DPO run's adapters
+        merge = merge_chat_checkpoint
+    elif read_json_object(checkpoint / "config.json", "re-save the checkpoint").get("kind") \
+            == "classifier":
+        merge = merge_checkpoint
+    else:
+        raise UserError(f"{checkpoint} has no LoRA adapters: merge takes a LoRA fine-tuning "
+                        "run (scratchllm finetune classify|instruct|dpo --lora.rank=R)")
     print(f"wrote {merge(args.checkpoint, args.out)}")
