@@ -11,7 +11,8 @@ this machine's matmul peak for each dtype, measured at the start (a GEMM probe o
 datasheet on a GPU). Run:
 python bench/train.py [--steps 15 --rounds 3]. bench/gpu.sh runs it for GPT-2 small on a GPU
 (--device cuda --preset gpt2-small --context 1024 ...; see there). Extra config overrides go
-after `--`, e.g. `-- --data.shards=DIR --data.tokenizer=FILE`.
+after `--`, e.g. `-- --data.shards=DIR --data.tokenizer=FILE`; the peers follow
+`--model.mlp=gelu_exact` (the erf GELU, nanoGPT's own choice) with their own exact GELU.
 """
 
 import argparse
@@ -57,14 +58,16 @@ def prepared_data(config: list[str]) -> list[str]:
 
 class NanoGPT:
     """The peer: nanoGPT's model in plain PyTorch, same shape as ours (built inside worker()
-    so that torch is imported there): fused QKV, SDPA causal attention, tanh GELU, tied
-    embeddings, F.cross_entropy."""
+    so that torch is imported there): fused QKV, SDPA causal attention, GELU (tanh, or exact
+    for mlp="gelu_exact" as in nanoGPT itself), tied embeddings, F.cross_entropy."""
 
     @staticmethod
     def build(mc, device):
         import torch
         import torch.nn.functional as F
         from torch import nn
+
+        approximate = "tanh" if mc.mlp == "gelu" else "none"
 
         class Block(nn.Module):
             def __init__(self):
@@ -80,7 +83,7 @@ class NanoGPT:
                 q, k, v = (t.view(B, T, mc.n_head, -1).transpose(1, 2) for t in (q, k, v))
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
                 x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
-                return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+                return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate=approximate))
 
         class GPT(nn.Module):
             def __init__(self):
@@ -165,6 +168,7 @@ def worker(impl: str, dtype: str, compile_: bool, steps: int, warmup: int,
             peer = GPT2LMHeadModel(GPT2Config(
                 vocab_size=mc.vocab_size, n_positions=T, n_embd=mc.n_embd, n_layer=mc.n_layer,
                 n_head=mc.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                activation_function="gelu_new" if mc.mlp == "gelu" else "gelu",
                 attn_implementation="sdpa")).to(device).train()
 
             def loss_of(x, y):

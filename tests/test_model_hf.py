@@ -30,10 +30,11 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def hf_gpt2(tie: bool = True) -> GPT2LMHeadModel:
+def hf_gpt2(tie: bool = True, activation: str = "gelu_new") -> GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                     bos_token_id=None, eos_token_id=None, tie_word_embeddings=tie)
+                     bos_token_id=None, eos_token_id=None, tie_word_embeddings=tie,
+                     activation_function=activation)
     model = GPT2LMHeadModel(cfg).eval()
     _perturb(model, 1)
     return model
@@ -105,11 +106,14 @@ def load_hf(path) -> torch.nn.Module:
 # ---- import --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_import_gpt2_matches_hf(tie):
-    hf = hf_gpt2(tie)
+@pytest.mark.parametrize("tie, activation, mlp", [(True, "gelu_new", "gelu"),
+                                                  (False, "gelu_pytorch_tanh", "gelu"),
+                                                  (True, "gelu", "gelu_exact")])
+def test_import_gpt2_matches_hf(tie, activation, mlp):
+    hf = hf_gpt2(tie, activation)
     ours = from_hf(hf)
     assert ours.config.pos_encoding == "learned" and ours.config.tie_embeddings == tie
+    assert ours.config.mlp == mlp
     assert_same_logits(ours, hf)
 
 
@@ -198,7 +202,8 @@ LLAMA = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False), dict(bias=False),
-                                LLAMA, {**LLAMA, "tie_embeddings": False, "n_kv_head": 1},
+                                dict(mlp="gelu_exact"), LLAMA,
+                                {**LLAMA, "tie_embeddings": False, "n_kv_head": 1},
                                 {**LLAMA, "bias": True}])
 def test_export_loads_in_transformers_with_same_logits(tmp_path, kw):
     model = ours(**kw)

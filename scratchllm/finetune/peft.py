@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from scratchllm.errors import UserError
 from scratchllm.fileio import atomic_write_bytes, atomic_write_text, read_json_object
+from scratchllm.model.config import GELU_MLPS
 from scratchllm.model.lora import (
     LoRALinear,
     check_trainable,
@@ -50,7 +51,7 @@ def _family(model: nn.Module) -> str:
     cfg = getattr(model, "config", None)
     kind = (getattr(cfg, "pos_encoding", None), getattr(cfg, "norm", None),
             getattr(cfg, "mlp", None))
-    if kind == ("learned", "layernorm", "gelu"):
+    if kind[:2] == ("learned", "layernorm") and kind[2] in GELU_MLPS:
         return "gpt2"
     if kind == ("rope", "rmsnorm", "swiglu"):
         return "llama"

@@ -18,10 +18,12 @@ from torch import Tensor
 
 from scratchllm.errors import UserError
 from scratchllm.fileio import atomic_write_bytes, atomic_write_text, read_json_object
-from scratchllm.model.config import GPTConfig
+from scratchllm.model.config import GELU_MLPS, GPTConfig
 from scratchllm.model.gpt import GPT
 
-GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
+# HF's activation_function names -> our mlp: gelu_new and gelu_pytorch_tanh are GELU's tanh
+# approximation, "gelu" the exact (erf) form.
+GPT2_ACTS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
 
 
 # ---- reading a checkpoint ------------------------------------------------------------------
@@ -84,8 +86,8 @@ def _need(ok: bool, what: str) -> None:
 
 
 def _gpt2_config(hf: dict[str, Any]) -> dict[str, Any]:
-    _need(hf.get("activation_function", "gelu_new") in GPT2_ACTS,
-          f"activation {hf.get('activation_function')!r} (only {', '.join(GPT2_ACTS)})")
+    act = hf.get("activation_function", "gelu_new")
+    _need(act in GPT2_ACTS, f"activation {act!r} (only {', '.join(GPT2_ACTS)})")
     _need(hf.get("scale_attn_weights", True), "scale_attn_weights=False")
     _need(not hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx")
     _need(not hf.get("add_cross_attention", False), "cross-attention layers")
@@ -95,7 +97,7 @@ def _gpt2_config(hf: dict[str, Any]) -> dict[str, Any]:
                 mlp_hidden=hf.get("n_inner") or 4 * d, embd_dropout=hf.get("embd_pdrop", 0.1),
                 attn_dropout=hf.get("attn_pdrop", 0.1), resid_dropout=hf.get("resid_pdrop", 0.1),
                 bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
-                pos_encoding="learned", norm="layernorm", mlp="gelu",
+                pos_encoding="learned", norm="layernorm", mlp=GPT2_ACTS[act],
                 norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                 init_std=hf.get("initializer_range", 0.02))
 
@@ -157,8 +159,9 @@ def _to_gpt2(model: GPT) -> tuple[dict[str, Any], dict[str, Tensor]]:
     config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2",
                   vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=d,
                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_hidden,
-                  activation_function="gelu_new", resid_pdrop=cfg.resid_dropout,
-                  embd_pdrop=cfg.embd_dropout, attn_pdrop=cfg.attn_dropout,
+                  activation_function="gelu_new" if cfg.mlp == "gelu" else "gelu",
+                  resid_pdrop=cfg.resid_dropout, embd_pdrop=cfg.embd_dropout,
+                  attn_pdrop=cfg.attn_dropout,
                   layer_norm_epsilon=cfg.norm_eps, initializer_range=cfg.init_std,
                   scale_attn_weights=True, tie_word_embeddings=cfg.tie_embeddings,
                   bos_token_id=eos, eos_token_id=eos, use_cache=True)
@@ -301,7 +304,7 @@ def to_hf(model: GPT, out_dir: str | os.PathLike,
     from safetensors.torch import save
 
     cfg = model.config
-    if (cfg.pos_encoding, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu"):
+    if (cfg.pos_encoding, cfg.norm) == ("learned", "layernorm") and cfg.mlp in GELU_MLPS:
         if cfg.n_kv_head != cfg.n_head:
             raise UserError("GPT-2 has no grouped-query attention: export needs n_kv_head = "
                             "n_head")
@@ -311,7 +314,7 @@ def to_hf(model: GPT, out_dir: str | os.PathLike,
     else:
         raise UserError(f"no Hugging Face architecture matches pos_encoding={cfg.pos_encoding}, "
                         f"norm={cfg.norm}, mlp={cfg.mlp}: export supports GPT-2 style (learned, "
-                        "layernorm, gelu) or LLaMA style (rope, rmsnorm, swiglu)")
+                        "layernorm, gelu or gelu_exact) or LLaMA style (rope, rmsnorm, swiglu)")
     out = Path(out_dir)
     state = {k: v.detach().contiguous() for k, v in state.items()}
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
