@@ -97,10 +97,11 @@ class AttnInputs(NamedTuple):
     input_pos: Tensor | None  # (T,) cache slots written by this call; None without a cache
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head, grouped-query or multi-query attention with separate q/k/v projections."""
+class Attention(nn.Module):
+    """What every attention module holds: q/k/v/o projections (multi-head, grouped-query or
+    multi-query), dropout, and the configured kernel. Subclasses say where q, k, v come from."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig) -> None:  # or any config with these fields (seq2seq's)
         super().__init__()
         self.head_dim = cfg.head_dim
         self.q_proj = Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
@@ -110,6 +111,10 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.resid_dropout = make_dropout(cfg.resid_dropout)
         self.kernel = explicit_attention if cfg.attention == "explicit" else sdpa_attention
+
+
+class CausalSelfAttention(Attention):
+    """Self-attention: q, k and v from the same x, causal unless the inputs say otherwise."""
 
     def forward(self, x: Tensor, inputs: AttnInputs, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape

@@ -34,10 +34,9 @@ from torch import Tensor, nn
 from scratchllm.errors import UserError
 from scratchllm.fileio import read_json_object
 from scratchllm.model.attention import (
+    Attention,
     AttnInputs,
     CausalSelfAttention,
-    explicit_attention,
-    sdpa_attention,
 )
 from scratchllm.model.cache import KVCache, make_caches
 from scratchllm.model.config import ATTENTIONS, NORMS, _suggest
@@ -191,19 +190,8 @@ def _sublayer(x: Tensor, norm: nn.Module, f, post: bool) -> Tensor:
     return norm(x + f(x)) if post else x + f(norm(x))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """The decoder's queries attend to the encoder's output (its keys and values, computed once)."""
-
-    def __init__(self, cfg: Seq2SeqConfig) -> None:
-        super().__init__()
-        self.head_dim = cfg.head_dim
-        self.q_proj = Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
-        self.k_proj = Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.v_proj = Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
-        self.attn_dropout = cfg.attn_dropout
-        self.resid_dropout = make_dropout(cfg.resid_dropout)
-        self.kernel = explicit_attention if cfg.attention == "explicit" else sdpa_attention
 
     def memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (B, H_kv, S, hd) of the encoder output memory (B, S, C)."""
