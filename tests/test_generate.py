@@ -170,26 +170,6 @@ def test_greedy_with_cache_equals_full_recomputation(pos):
     assert got == want
 
 
-def test_decode_steps_read_only_the_slots_in_use(monkeypatch):
-    model, prompt = tiny(), random_ids(29, 1)
-    want = naive_greedy(model, prompt, 90)
-    read = []  # (slots the model is handed, slots written after the call)
-    forward = model.forward
-
-    def spy(idx, *args, cache=None, input_pos=None, **kw):
-        read.append((cache[0].max_seq, int(input_pos[-1]) + 1))
-        return forward(idx, *args, cache=cache, input_pos=input_pos, **kw)
-
-    monkeypatch.setattr(model, "forward", spy)
-    got = generate(model, prompt, max_new_tokens=90, temperature=0.0)
-    assert got == want  # the same tokens as recomputing everything
-    assert read[0] == (32, 29) and len(read) == 90  # the prompt, then one call per token
-    # Each call reads the written slots rounded up to 16 (at most the 118 the generation needs),
-    # not the whole buffer: 64 slots for the prompt, 118 from the 65th slot on.
-    assert all(width == min(-(-used // 16) * 16, 118) for width, used in read)
-    assert read[-1] == (118, 118)
-
-
 @pytest.mark.parametrize("pos", ["learned", "rope", "alibi"])
 def test_sliding_window_past_the_context(pos):
     model, prompt = tiny(pos, context=32), random_ids(20, 2)

@@ -3,9 +3,8 @@
 A batch holds prompts of different lengths left-padded to the longest, with an attention mask
 (positions count real tokens only, so every row sees exactly what it would see alone). A decode
 step feeds one token per row at a slot sliced from a precomputed `arange`, with the same
-(B, slots) view of the mask. The cache starts at 64 slots and doubles when full; each step
-hands the model views of it over the slots written so far, rounded up to 16 (SlotsInUse), so
-attention never reads far more slots than are written.
+(B, slots) view of the mask. The cache starts at 64 slots and doubles when full, so attention
+never reads far more slots than are written, and shapes change only a few times per sequence.
 Rows stop on their own (stop id or stop string); the batch ends when all have.
 
 Context policy: a prompt longer than context_length is an error unless truncate_prompt keeps
@@ -28,7 +27,6 @@ from scratchllm.errors import UserError
 from scratchllm.generate.config import Completion, GenerationConfig
 from scratchllm.generate.sampling import History, sample_next
 from scratchllm.generate.text import TextStream
-from scratchllm.model.cache import SlotsInUse
 from scratchllm.tokenizer import BaseTokenizer
 
 MIN_SLOTS = 64  # smallest KV cache; it doubles as the sequence grows
@@ -84,7 +82,6 @@ class Window:
         self.slot_pos = torch.arange(self.max_slots, device=device)  # input_pos slices
         self.slots = self._bucket(L)
         self.caches = model.make_cache(B, self.slots) if cfg.use_cache else None
-        self.in_use = SlotsInUse(self.caches) if self.caches is not None else None
         self.after_slide = max(1, C - (cfg.slide_tokens or max(1, C // 4)))  # window length
 
     def _bucket(self, needed: int) -> int:
@@ -98,13 +95,14 @@ class Window:
         """Make room for `needed` slots: move the cache into one twice as large (or more)."""
         if self.caches is None or needed <= self.slots:
             return
-        # Doubling: a few copies per sequence, and no memory for tokens never generated.
+        # Attention reads every slot each step, so a cache sized for the whole generation would
+        # cost as much at token 1 as at token 500; doubling keeps it within 2x of what is used.
         slots = self._bucket(needed)
         caches = self.model.make_cache(self.tokens.shape[0], slots)
         for old, new in zip(self.caches, caches, strict=True):
             new.k[:, :, :self.slots] = old.k
             new.v[:, :, :self.slots] = old.v
-        self.caches, self.slots, self.in_use = caches, slots, SlotsInUse(caches)
+        self.caches, self.slots = caches, slots
 
     def _mask(self, length: int) -> Tensor | None:
         return None if self.mask is None else self.mask[:, self.start:self.start + length]
@@ -116,10 +114,9 @@ class Window:
         if self.caches is None:
             return self.model(x, attention_mask=self._mask(T), logits_to_keep=1)[:, -1]
         self._grow(T)
-        caches = self.in_use(T)
         # logits_to_keep=1: only the last position's logits are needed, not T rows of them.
-        logits = self.model(x, cache=caches, input_pos=self.slot_pos[:T],
-                            attention_mask=self._mask(caches[0].max_seq), logits_to_keep=1)
+        logits = self.model(x, cache=self.caches, input_pos=self.slot_pos[:T],
+                            attention_mask=self._mask(self.slots), logits_to_keep=1)
         return logits[:, -1]
 
     def append(self, tokens: Tensor) -> None:
@@ -138,10 +135,9 @@ class Window:
             return self.prefill()
         slot = self.n - 1 - self.start
         self._grow(slot + 1)
-        caches = self.in_use(slot + 1)
-        logits = self.model(self.tokens[:, self.n - 1:self.n], cache=caches,
+        logits = self.model(self.tokens[:, self.n - 1:self.n], cache=self.caches,
                             input_pos=self.slot_pos[slot:slot + 1],
-                            attention_mask=self._mask(caches[0].max_seq))
+                            attention_mask=self._mask(self.slots))
         return logits[:, -1]
 
     def reorder(self, rows: Tensor) -> None:

@@ -1,5 +1,4 @@
-"""A preallocated key/value cache for incremental decoding, one per attention layer, and views
-of it over the slots in use."""
+"""A preallocated key/value cache for incremental decoding, one per attention layer."""
 
 from __future__ import annotations
 
@@ -37,43 +36,6 @@ class KVCache(nn.Module):
         """Forget everything written (zero the buffers in place)."""
         self.k.zero_()
         self.v.zero_()
-
-
-class KVCacheView(KVCache):
-    """A KVCache over part of a bigger one (its first rows and slots): writes go through."""
-
-    def __init__(self, k: Tensor, v: Tensor) -> None:
-        nn.Module.__init__(self)  # views of the big buffers, not buffers of its own
-        self.register_buffer("k", k, persistent=False)
-        self.register_buffer("v", v, persistent=False)
-
-
-def cache_views(caches: nn.ModuleList, slots: int, rows: int | None = None) -> nn.ModuleList:
-    """Every layer's cache seen through its first `slots` slots (and first `rows` rows)."""
-    return nn.ModuleList(KVCacheView(cache.k[:rows, :, :slots], cache.v[:rows, :, :slots])
-                         for cache in caches)
-
-
-READ_STEP = 16  # a decode step reads the slots in use rounded up to a multiple of this
-
-
-class SlotsInUse:
-    """The caches a decode step hands the model: views over the slots written so far, rounded
-    up to READ_STEP. Attention reads every slot of the cache it is given, and a cache that grows
-    by doubling is up to twice as long as what is written (GPT-2 small, 500 tokens: 6% faster
-    at batch 1, 12% at batch 8, than reading whole buffers). Views are remade only when that
-    width changes."""
-
-    def __init__(self, caches: nn.ModuleList) -> None:
-        self.caches = caches
-        self._views: tuple[int, nn.ModuleList] | None = None
-
-    def __call__(self, used: int) -> nn.ModuleList:
-        """Views over at least the first `used` slots."""
-        width = min(-(-used // READ_STEP) * READ_STEP, self.caches[0].max_seq)
-        if self._views is None or self._views[0] != width:
-            self._views = (width, cache_views(self.caches, width))
-        return self._views[1]
 
 
 def make_caches(n_layer: int, batch_size: int, n_kv_head: int, max_seq: int, head_dim: int,

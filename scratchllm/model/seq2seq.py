@@ -38,7 +38,7 @@ from scratchllm.model.attention import (
     AttnInputs,
     CausalSelfAttention,
 )
-from scratchllm.model.cache import KVCache, SlotsInUse, make_caches
+from scratchllm.model.cache import KVCache, make_caches
 from scratchllm.model.config import ATTENTIONS, NORMS, _suggest
 from scratchllm.model.gpt import CONFIG_NAME, WEIGHTS_NAME, save_model_files
 from scratchllm.model.layers import (
@@ -513,8 +513,8 @@ class DecodeState:
 
     The encoder runs once per source and its output's cross-attention keys/values once per
     layer (cache_cross=False recomputes them every step: the slow reference). The decoder's own
-    keys/values go to a KV cache of max_new_tokens slots, each step reading the slots in use
-    (use_cache=False re-runs the whole target prefix each step instead).
+    keys/values go to a KV cache of max_new_tokens slots (use_cache=False re-runs the whole
+    target prefix each step instead).
     """
 
     def __init__(self, model: Seq2Seq, src: Tensor, src_mask: Tensor, max_new_tokens: int,
@@ -537,7 +537,6 @@ class DecodeState:
         self.n = 1  # columns written
         self.positions = model.arange[:self.slots]
         self.caches = model.make_cache(B, self.slots) if use_cache else None
-        self.in_use = SlotsInUse(self.caches) if use_cache else None
 
     @property
     def device(self) -> torch.device:
@@ -553,7 +552,7 @@ class DecodeState:
             logits = model.decode(self.tokens[:, :n], self._memory_kv(), self.src_mask)
         else:
             logits = model.decode(self.tokens[:, n - 1:n], self._memory_kv(), self.src_mask,
-                                  cache=self.in_use(n), input_pos=self.positions[n - 1:n])
+                                  cache=self.caches, input_pos=self.positions[n - 1:n])
         return logits[:, -1]
 
     def prefill(self) -> Tensor:

@@ -35,7 +35,7 @@ from scratchllm.errors import UserError
 from scratchllm.generate.engine import make_generator, model_device
 from scratchllm.generate.sampling import History, SamplingConfig, sample_next
 from scratchllm.generate.text import TextStream
-from scratchllm.model.cache import KVCacheView
+from scratchllm.model.cache import KVCache
 from scratchllm.tokenizer import BaseTokenizer
 
 COLUMN_STEP = 16  # attention reads the columns in use rounded up to this (fewer cached views)
@@ -106,6 +106,16 @@ class _Seq:
         self.length = len(req.prompt)  # tokens in the cache
         self.generated = 0  # tokens sampled (a stop token included): usage's count
         self.next_token = -1  # sampled, to be fed at the next step
+
+
+class _View(KVCache):
+    """A KVCache over part of a bigger one (the active rows, the columns in use): writes go
+    through to the big buffers."""
+
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        nn.Module.__init__(self)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
 
 
 class Engine:
@@ -441,7 +451,7 @@ class Engine:
         key = (n, width)
         if key not in self._views:
             pairs = zip(self._buffers[::2], self._buffers[1::2], strict=True)
-            self._views[key] = nn.ModuleList(KVCacheView(k[:n, :, :width], v[:n, :, :width])
+            self._views[key] = nn.ModuleList(_View(k[:n, :, :width], v[:n, :, :width])
                                              for k, v in pairs)
         return self._views[key]
 
