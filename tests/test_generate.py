@@ -170,6 +170,26 @@ def test_greedy_with_cache_equals_full_recomputation(pos):
     assert got == want
 
 
+def test_kv_cache_grows_by_64_slots(monkeypatch):
+    model, prompt = tiny(context=320), random_ids(29, 1)
+    want = naive_greedy(model, prompt, 230)
+    read = []  # (slots of the cache the model is handed, slots written after the call)
+    forward = model.forward
+
+    def spy(idx, *args, cache=None, input_pos=None, **kw):
+        read.append((cache[0].max_seq, int(input_pos[-1]) + 1))
+        return forward(idx, *args, cache=cache, input_pos=input_pos, **kw)
+
+    monkeypatch.setattr(model, "forward", spy)
+    got = generate(model, prompt, max_new_tokens=230, temperature=0.0)
+    assert got == want  # the same tokens as recomputing everything
+    assert read[0] == (64, 29) and len(read) == 230  # the prompt, then one call per token
+    # The cache holds the written slots rounded up to 64 (at most the 258 this run needs), not
+    # a power of two: 192 slots, not 256, while 129-192 are written.
+    assert all(slots == min(-(-used // 64) * 64, 258) for slots, used in read)
+    assert (192, 150) in read and read[-1] == (258, 258)
+
+
 @pytest.mark.parametrize("pos", ["learned", "rope", "alibi"])
 def test_sliding_window_past_the_context(pos):
     model, prompt = tiny(pos, context=32), random_ids(20, 2)

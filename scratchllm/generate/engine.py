@@ -3,8 +3,8 @@
 A batch holds prompts of different lengths left-padded to the longest, with an attention mask
 (positions count real tokens only, so every row sees exactly what it would see alone). A decode
 step feeds one token per row at a slot sliced from a precomputed `arange`, with the same
-(B, slots) view of the mask. The cache starts at 64 slots and doubles when full, so attention
-never reads far more slots than are written, and shapes change only a few times per sequence.
+(B, slots) view of the mask. Attention reads every slot of the cache, so the cache holds the
+slots written so far rounded up to 64, growing by 64 when full (a copy every 64 tokens).
 Rows stop on their own (stop id or stop string); the batch ends when all have.
 
 Context policy: a prompt longer than context_length is an error unless truncate_prompt keeps
@@ -29,7 +29,11 @@ from scratchllm.generate.sampling import History, sample_next
 from scratchllm.generate.text import TextStream
 from scratchllm.tokenizer import BaseTokenizer
 
-MIN_SLOTS = 64  # smallest KV cache; it doubles as the sequence grows
+# The KV cache grows in steps of this many slots. Attention reads every slot, and a cache that
+# doubles instead is up to twice what is written: GPT-2 small, 500 tokens, bf16, growing by 64
+# steps 6% faster at batch 1 and 12% at batch 8 (the copies cost less than the reads). The
+# slots must be whole buffers: attention on a view of a longer one is 1.3-4x slower (strided).
+CACHE_STEP = 64
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -85,18 +89,13 @@ class Window:
         self.after_slide = max(1, C - (cfg.slide_tokens or max(1, C // 4)))  # window length
 
     def _bucket(self, needed: int) -> int:
-        """Cache size for `needed` slots: a power of two from 64, at most max_slots."""
-        size = MIN_SLOTS
-        while size < needed:
-            size *= 2
-        return min(size, self.max_slots)
+        """Cache size for `needed` slots: a multiple of CACHE_STEP, at most max_slots."""
+        return min(-(-needed // CACHE_STEP) * CACHE_STEP, self.max_slots)
 
     def _grow(self, needed: int) -> None:
-        """Make room for `needed` slots: move the cache into one twice as large (or more)."""
+        """Make room for `needed` slots: move the cache into a larger one (see CACHE_STEP)."""
         if self.caches is None or needed <= self.slots:
             return
-        # Attention reads every slot each step, so a cache sized for the whole generation would
-        # cost as much at token 1 as at token 500; doubling keeps it within 2x of what is used.
         slots = self._bucket(needed)
         caches = self.model.make_cache(self.tokens.shape[0], slots)
         for old, new in zip(self.caches, caches, strict=True):
