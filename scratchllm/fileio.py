@@ -71,7 +71,8 @@ def read_json_object(file: Path, hint: str) -> dict[str, Any]:
 
 
 def json_line(line: str, where: str) -> Any:
-    """One JSON Lines record, or a UserError naming `where` it is (path:line)."""
+    """One JSON text already read (a JSON Lines record, or a whole file's text), or a UserError
+    naming `where` it is (path:line, or the path)."""
     from scratchllm.errors import UserError
 
     try:

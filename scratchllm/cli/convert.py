@@ -128,7 +128,6 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str 
 
 def _load_tokenizer(path: Path) -> BaseTokenizer:
     """A tokenizer file given with --tokenizer: scratchllm's own format or an HF tokenizer.json."""
-
     from scratchllm.tokenizer import load_tokenizer
     from scratchllm.tokenizer.base import FORMAT_NAME
     from scratchllm.tokenizer.hf import load_hf_tokenizer
